@@ -1,0 +1,27 @@
+"""megatron-simreg: SimReg and JREG regularizers for Megatron-core pretraining.
+
+The losses (:mod:`megatron_simreg.losses`) are plain PyTorch; the Megatron-core
+integration lives in :mod:`megatron_simreg.megatron` and is imported only when
+asked for.
+"""
+
+from .config import JRegConfig, SimRegConfig
+from .losses import (
+    SimRegTerms,
+    jreg_penalty,
+    jump_strength,
+    layer_angular_distances,
+    layer_distance_sums,
+    layer_weights,
+    simreg_loss,
+    simreg_per_token,
+    simreg_terms,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "JRegConfig", "SimRegConfig", "SimRegTerms",
+    "jreg_penalty", "jump_strength", "layer_angular_distances", "layer_distance_sums", "layer_weights",
+    "simreg_loss", "simreg_per_token", "simreg_terms",
+]

@@ -1,0 +1,43 @@
+"""The ``megatron-simreg`` console script.
+
+Each subcommand lives in its own module, which exposes
+``add_arguments(parser)`` and ``main(args) -> int`` and keeps its heavy
+imports (Megatron, DeepSpeed, transformers) inside ``main`` so that
+``--help`` stays fast and one command's missing optional dependency does not
+break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("megatron_simreg.demo", "CPU demo: a small LM trained with and without SimReg/JREG"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-simreg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return importlib.import_module(args._module).main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
