@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-DEFAULT_BLOCK_SIZE = 512
+DEFAULT_BLOCK_SIZE = 256
 
 
 def _key_range(q0: int, q1: int, num_keys: int, chunk_size: Optional[int], contiguous: bool):
@@ -37,7 +37,7 @@ def _key_range(q0: int, q1: int, num_keys: int, chunk_size: Optional[int], conti
 
 def _tile(zq, yq, vq, pq, zk, yk, vk, pk, temperature, chunk_size):
     """Similarities ``[b, bq, bk]`` and the allowed / positive masks of one tile."""
-    sim = zq @ zk.transpose(-1, -2) / temperature
+    sim = (zq / temperature) @ zk.transpose(-1, -2)
     allowed = vq[:, :, None] & vk[:, None, :] & (pq[:, None] != pk[None, :])
     if chunk_size is not None:
         allowed = allowed & (pq[:, None] // chunk_size == pk[None, :] // chunk_size)
@@ -61,8 +61,8 @@ class BlockwiseSimReg(torch.autograd.Function):
                 zq[:, q0:q1], yq[:, q0:q1], vq[:, q0:q1], pq[q0:q1],
                 zk[:, k0:k1], yk[:, k0:k1], vk[:, k0:k1], pk[k0:k1], temperature, chunk_size,
             )
-            lse[:, q0:q1] = torch.logsumexp(sim.masked_fill(~allowed, float("-inf")), dim=-1)
-            pos_sum[:, q0:q1] = sim.masked_fill(~positive, 0.0).sum(-1)
+            pos_sum[:, q0:q1] = torch.where(positive, sim, 0.0).sum(-1)
+            lse[:, q0:q1] = torch.logsumexp(sim.masked_fill_(~allowed, float("-inf")), dim=-1)
             num_pos[:, q0:q1] = positive.sum(-1)
         anchors = num_pos > 0
         # Non-anchor rows may have lse = -inf (no allowed key); zero them so the
@@ -91,8 +91,11 @@ class BlockwiseSimReg(torch.autograd.Function):
                 zq[:, q0:q1], yq[:, q0:q1], vq[:, q0:q1], pq[q0:q1],
                 zk[:, k0:k1], yk[:, k0:k1], vk[:, k0:k1], pk[k0:k1], temperature, chunk_size,
             )
-            softmax = torch.where(allowed, torch.exp(sim - lse[:, q0:q1, None]), 0.0)
-            g = (softmax - positive * inv_pos[:, q0:q1, None]) * row_weight[:, q0:q1, None]
+            # In place on the tile: each extra [b, block, keys] float temporary
+            # costs as much memory as the tile itself.
+            g = sim.sub_(lse[:, q0:q1, None]).exp_().masked_fill_(~allowed, 0.0)
+            g.sub_(positive.to(g.dtype).mul_(inv_pos[:, q0:q1, None]))
+            g.mul_(row_weight[:, q0:q1, None])
             grad_q[:, q0:q1] += g @ zk[:, k0:k1]
             grad_k[:, k0:k1] += g.transpose(-1, -2) @ zq[:, q0:q1]
         return grad_q, grad_k, None, None, None, None, None, None, None, None, None, None
