@@ -20,7 +20,19 @@ from .losses import (
 
 __version__ = "0.1.0"
 
+_MEGATRON_NAMES = ("apply_to_megatron", "undo_megatron_patch")
+
+
+def __getattr__(name):
+    # The Megatron patch imports megatron-core; load it only when asked for.
+    if name in _MEGATRON_NAMES:
+        from . import megatron
+
+        return getattr(megatron, name)
+    raise AttributeError(f"module 'megatron_simreg' has no attribute {name!r}")
+
 __all__ = [
+    "apply_to_megatron", "undo_megatron_patch",
     "JRegConfig", "SimRegConfig", "SimRegTerms",
     "jreg_penalty", "jump_strength", "layer_angular_distances", "layer_distance_sums", "layer_weights",
     "simreg_loss", "simreg_per_token", "simreg_terms",

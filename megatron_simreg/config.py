@@ -14,6 +14,7 @@ from typing import Optional
 SIMREG_IMPLS = ("auto", "naive", "blockwise")
 SIMREG_REPRESENTATIONS = ("post_norm", "pre_norm")
 SIMREG_MODES = ("exact", "shard_local")
+SIMREG_NORMALIZATIONS = ("global_batch", "micro_batch")
 JREG_WEIGHTINGS = ("final", "layer_weighted")
 JREG_METRICS = ("angular", "cosine")
 
@@ -59,6 +60,13 @@ class SimRegConfig:
             (the Megatron integration): ``"exact"`` reproduces the
             single-process loss, ``"shard_local"`` treats each rank's shard as
             its own chunk.
+        normalization: how the Megatron integration scales the gradient over
+            micro-batches and data-parallel ranks. ``"global_batch"`` (exact:
+            the anchor-weighted mean over the whole global batch, as for one
+            large batch) needs the step's anchor count from
+            ``megatron_simreg.megatron.begin_step``; ``"micro_batch"`` needs
+            nothing and averages per-micro-batch means, like Megatron's MoE
+            aux loss. See ``megatron_simreg/megatron/step.py``.
     """
 
     weight: float = 0.1
@@ -67,6 +75,7 @@ class SimRegConfig:
     representation: str = "post_norm"
     impl: str = "auto"
     mode: str = "exact"
+    normalization: str = "global_batch"
 
     def __post_init__(self):
         check_weight("SimRegConfig.weight", self.weight)
@@ -75,6 +84,7 @@ class SimRegConfig:
         check_choice("SimRegConfig.representation", self.representation, SIMREG_REPRESENTATIONS)
         check_choice("SimRegConfig.impl", self.impl, SIMREG_IMPLS)
         check_choice("SimRegConfig.mode", self.mode, SIMREG_MODES)
+        check_choice("SimRegConfig.normalization", self.normalization, SIMREG_NORMALIZATIONS)
 
 
 @dataclass

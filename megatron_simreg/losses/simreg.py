@@ -145,6 +145,25 @@ def check_inputs(
         raise ValueError("hidden contains NaN or Inf (found by debug=True)")
 
 
+def count_anchors(labels: torch.Tensor, valid: torch.Tensor, segments: torch.Tensor) -> int:
+    """Number of SimReg anchors, from labels alone (no hidden states needed).
+
+    ``labels``/``valid`` ``[b, s]``; ``segments`` ``[s]``: positions may only
+    pair within one segment (all zeros for whole sequences, ``pos // c`` for
+    chunks). A valid token is an anchor iff another valid token of its row
+    and segment has the same label. Callers use it to know a global batch's
+    anchor count before any forward pass.
+    """
+    b, s = labels.shape
+    rows = torch.arange(b, device=labels.device)[:, None].expand(b, s)
+    seg = segments.to(labels.device)[None, :].expand(b, s)
+    keys = torch.stack([rows[valid], seg[valid], labels[valid]], dim=1)
+    if keys.numel() == 0:
+        return 0
+    _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    return int((counts[inverse] >= 2).sum())
+
+
 def naive_simreg(
     zq: torch.Tensor,
     yq: torch.Tensor,

@@ -1,0 +1,77 @@
+"""Everything that depends on the megatron-core version, in one place.
+
+Supported: megatron-core 0.16.1 through 0.19.x. The patch touches only the
+symbols resolved here; when a new release moves one, :func:`resolve` fails
+with an error naming the version and the symbol instead of patching the
+wrong thing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+MIN_VERSION = (0, 16, 1)
+MAX_VERSION_EXCLUSIVE = (0, 20, 0)
+SUPPORTED = "0.16.1 to 0.19.x"
+
+
+def _parse(v: str):
+    parts = []
+    for piece in v.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def megatron_core_version() -> str:
+    try:
+        return version("megatron-core")
+    except PackageNotFoundError:
+        try:
+            from megatron.core import package_info
+
+            return package_info.__version__
+        except ImportError as e:
+            raise ImportError(
+                "megatron-core is not installed; megatron-simreg's Megatron integration supports "
+                f"{SUPPORTED}: pip install 'megatron-core>=0.16.1,<0.20'"
+            ) from e
+
+
+def check_version() -> str:
+    """Return the installed version, or raise if it is outside the supported range."""
+    v = megatron_core_version()
+    if not MIN_VERSION <= _parse(v) < MAX_VERSION_EXCLUSIVE:
+        raise RuntimeError(
+            f"megatron-core {v} is not supported by megatron-simreg (supported: {SUPPORTED}). "
+            "Install a supported release, e.g. pip install 'megatron-core>=0.16.1,<0.20' "
+            "(0.17 and later need Python >= 3.12)."
+        )
+    return v
+
+
+def resolve(module: str, attr: str):
+    """``module.attr``, or an error naming the megatron-core version and the missing symbol."""
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(
+            f"megatron-simreg needs {module}.{attr}, which megatron-core {megatron_core_version()} does not "
+            f"provide (moved or renamed?). Supported versions: {SUPPORTED}."
+        ) from e
+    return obj
+
+
+def gpt_model_class():
+    return resolve("megatron.core.models.gpt.gpt_model", "GPTModel")
+
+
+def schedules_module():
+    resolve("megatron.core.pipeline_parallel.schedules", "forward_step")
+    return importlib.import_module("megatron.core.pipeline_parallel.schedules")
+
+
+def layer_output_hidden(output):
+    """A TransformerLayer returns ``(hidden, context)``; 0.17+ blocks may return extras too."""
+    return output[0] if isinstance(output, (tuple, list)) else output

@@ -1,0 +1,230 @@
+"""``apply_to_megatron()``: SimReg and JREG inside Megatron-core's GPTModel.
+
+After the call, every ``GPTModel`` (dense or MoE, local or TransformerEngine
+spec) in training mode adds ``lambda * L_SimReg`` and ``alpha * R_JREG`` to the
+gradient through :class:`.step.RegLossAutoScaler`, while the per-token LM
+loss it returns is unchanged: no fork of Megatron, no change to the training
+loop. The style follows Liger-Kernel's Megatron patch: idempotent, a marker
+attribute, ``__wrapped__`` on every replaced function, and
+:func:`undo_megatron_patch` restores the originals.
+
+What is read, and where:
+
+* JREG: forward hooks on ``decoder.layers[i]`` (installed on a model's first
+  training forward) record the first local layer's input and every local
+  layer's output ``[s_local, b, h]``. Each pipeline stage penalizes its own
+  layers, weighted by their global ``layer_number``, and attaches its part.
+* SimReg: on the last stage, the decoder's output (the final norm's output,
+  ``representation="post_norm"``) or the last layer's output (``"pre_norm"``),
+  with the ``labels`` and ``loss_mask`` passed to ``GPTModel.forward``. With
+  MTP, the decoder output is the main model's only; MTP runs later.
+* Valid tokens are ``loss_mask == 1`` (all tokens when the model gets no
+  ``loss_mask``): pass ``loss_mask`` to ``GPTModel.forward``, as Megatron-LM's
+  ``pretrain_gpt`` does, so that both terms see the LM loss's tokens.
+* ``schedules.forward_step`` is wrapped to record the number of micro-batches
+  and the fp16 loss scale, exactly what Megatron records for its MoE loss.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import JRegConfig, SimRegConfig
+from ..losses.jreg import layer_distance_sums, layer_weights
+from ..parallel.simreg_parallel import ShardLayout, parallel_simreg_terms
+from . import compat, tracker
+from .step import STEP, RegLossAutoScaler, wrap_forward_step
+
+MARKER = "_megatron_simreg_patched"
+
+
+@dataclass
+class _Active:
+    simreg: Optional[SimRegConfig]
+    jreg: Optional[JRegConfig]
+
+
+_ACTIVE = _Active(None, None)
+
+
+def apply_to_megatron(simreg: Optional[SimRegConfig] = None, jreg: Optional[JRegConfig] = None) -> None:
+    """Patch Megatron-core so that GPTModel trains with SimReg and/or JREG.
+
+    Idempotent: a second call only replaces the configs. ``None`` disables a
+    term. Raises ``RuntimeError`` for an unsupported megatron-core version or
+    a moved symbol, before anything is patched.
+    """
+    if simreg is not None and not isinstance(simreg, SimRegConfig):
+        raise TypeError(f"simreg must be a SimRegConfig or None, got {type(simreg).__name__}")
+    if jreg is not None and not isinstance(jreg, JRegConfig):
+        raise TypeError(f"jreg must be a JRegConfig or None, got {type(jreg).__name__}")
+    compat.check_version()
+    gpt_model = compat.gpt_model_class()
+    schedules = compat.schedules_module()
+    _ACTIVE.simreg, _ACTIVE.jreg = simreg, jreg
+    if getattr(gpt_model, MARKER, False):
+        return
+    gpt_model.forward = _wrap_gpt_forward(gpt_model.forward)
+    schedules.forward_step = wrap_forward_step(schedules.forward_step)
+    setattr(gpt_model, MARKER, True)
+
+
+def undo_megatron_patch() -> None:
+    """Restore Megatron-core's originals (models keep their hooks, which then record nothing)."""
+    gpt_model = compat.gpt_model_class()
+    if not getattr(gpt_model, MARKER, False):
+        return
+    schedules = compat.schedules_module()
+    gpt_model.forward = gpt_model.forward.__wrapped__
+    schedules.forward_step = schedules.forward_step.__wrapped__
+    delattr(gpt_model, MARKER)
+    _ACTIVE.simreg = _ACTIVE.jreg = None
+
+
+def is_patched() -> bool:
+    return bool(getattr(compat.gpt_model_class(), MARKER, False))
+
+
+class _Capture:
+    """States recorded during one training forward of one model chunk."""
+
+    def __init__(self):
+        self.layer_input = None
+        self.layer_outputs = []  # [(global layer_number, [s_local, b, h])]
+        self.final = None
+
+
+def _install_hooks(model) -> None:
+    if getattr(model, "_megatron_simreg_hooks", None) is not None:
+        return
+    handles = []
+    layers = list(model.decoder.layers)
+
+    def on_input(module, args, kwargs):
+        cap = model._megatron_simreg_capture
+        if cap is not None and cap.layer_input is None:
+            cap.layer_input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def on_output(module, args, output):
+        cap = model._megatron_simreg_capture
+        if cap is not None:
+            cap.layer_outputs.append((module.layer_number, compat.layer_output_hidden(output)))
+
+    def on_decoder_output(module, args, output):
+        cap = model._megatron_simreg_capture
+        if cap is not None:
+            cap.final = compat.layer_output_hidden(output)
+
+    if layers:
+        handles.append(layers[0].register_forward_pre_hook(on_input, with_kwargs=True))
+    handles += [layer.register_forward_hook(on_output) for layer in layers]
+    handles.append(model.decoder.register_forward_hook(on_decoder_output))
+    model._megatron_simreg_hooks = handles
+    model._megatron_simreg_capture = None
+
+
+def _layout(model) -> ShardLayout:
+    from megatron.core import parallel_state as ps
+
+    return ShardLayout(
+        ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None,
+        ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None,
+        bool(model.config.sequence_parallel),
+    )
+
+
+def _reduce_sum(t: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
+    t = t.detach().clone()
+    for g in layout.reduce_groups():
+        torch.distributed.all_reduce(t, group=g)
+    return t
+
+
+def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout):
+    """This stage's attached JREG tensor; records its share of R for logging."""
+    if not cap.layer_outputs or cap.layer_input is None:
+        return None
+    states = [cap.layer_input] + [h for _, h in cap.layer_outputs]  # [s_local, b, h] each
+    numbers = [n for n, _ in cap.layer_outputs]
+    sums, count = layer_distance_sums(states, mask, metric=cfg.metric)
+    w_all = layer_weights(model.config.num_layers, cfg.weighting, cfg.power, device=sums.device, dtype=sums.dtype)
+    w = w_all[torch.tensor(numbers, device=sums.device) - 1]
+    weighted = (w * sums).sum()
+    totals = _reduce_sum(torch.stack([weighted, count.to(weighted.dtype)]), layout)
+    tracker.record("jreg", totals[0] / totals[1].clamp_min(1))
+    if model.config.calculate_per_token_loss:
+        return cfg.weight * weighted
+    return cfg.weight * weighted / (n_tok_mb.clamp_min(1) * STEP.num_microbatches)
+
+
+def _simreg_term(model, hidden, labels, loss_mask, cfg: SimRegConfig, n_tok_mb, layout):
+    terms = parallel_simreg_terms(hidden, labels, loss_mask, cfg, layout)
+    loss_sum = terms.loss_sum
+    totals = _reduce_sum(torch.stack([loss_sum, terms.num_anchors.to(loss_sum.dtype)]), layout)
+    tracker.record("simreg", totals[0] / totals[1].clamp_min(1))
+    per_token = model.config.calculate_per_token_loss
+    if cfg.normalization == "micro_batch":
+        if per_token:
+            return cfg.weight * loss_sum * n_tok_mb / totals[1].clamp_min(1)
+        return cfg.weight * loss_sum * layout.cp / (totals[1].clamp_min(1) * STEP.num_microbatches)
+    if STEP.num_anchors is None or (per_token and STEP.num_tokens is None):
+        raise RuntimeError(
+            "SimReg normalization 'global_batch' needs the global batch's anchor count"
+            + (" and valid-token count (calculate_per_token_loss)" if per_token else "")
+            + ": call megatron_simreg.megatron.begin_step(num_anchors=..., num_tokens=...) before "
+            "forward_backward_func (count_step_anchors computes them), or use "
+            "SimRegConfig(normalization='micro_batch') to normalize per micro-batch like the MoE aux loss."
+        )
+    from megatron.core import parallel_state as ps
+
+    factor = STEP.num_tokens if per_token else ps.get_data_parallel_world_size(with_context_parallel=True)
+    return cfg.weight * loss_sum * factor / max(STEP.num_anchors, 1)
+
+
+def _attach(model, out, cap: _Capture, labels, loss_mask):
+    layout = _layout(model)
+    simreg, jreg = _ACTIVE.simreg, _ACTIVE.jreg
+    some = cap.final if cap.final is not None else cap.layer_input
+    b = some.shape[1]
+    if loss_mask is None:
+        s_cp = labels.shape[1] if labels is not None else some.shape[0] * (layout.tp if layout.sequence_parallel else 1)
+        loss_mask = torch.ones(b, s_cp, device=some.device)
+    n_tok_mb = (loss_mask == 1).sum().to(torch.float32)
+    attached = []
+    if jreg is not None:
+        local = layout.local_slice(loss_mask.shape[1])
+        term = _jreg_term(model, cap, jreg, loss_mask[:, local].transpose(0, 1), n_tok_mb, layout)
+        if term is not None:
+            attached.append(term)
+    if simreg is not None and model.post_process and labels is not None:
+        hidden = cap.final if simreg.representation == "post_norm" else cap.layer_outputs[-1][1]
+        attached.append(_simreg_term(model, hidden, labels, loss_mask, simreg, n_tok_mb, layout))
+    if not attached:
+        return out
+    return RegLossAutoScaler.apply(out, STEP.loss_scale * torch.stack([t.float() for t in attached]).sum())
+
+
+def _wrap_gpt_forward(original):
+    sig = inspect.signature(original)
+
+    def forward(self, *args, **kwargs):
+        if not self.training or (_ACTIVE.simreg is None and _ACTIVE.jreg is None) or not torch.is_grad_enabled():
+            return original(self, *args, **kwargs)
+        bound = sig.bind(self, *args, **kwargs)
+        labels, loss_mask = bound.arguments.get("labels"), bound.arguments.get("loss_mask")
+        _install_hooks(self)
+        cap = self._megatron_simreg_capture = _Capture()
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            self._megatron_simreg_capture = None
+        return _attach(self, out, cap, labels, loss_mask)
+
+    forward.__wrapped__ = original
+    forward.__name__ = original.__name__
+    forward.__doc__ = original.__doc__
+    return forward

@@ -1,0 +1,110 @@
+"""How the regularizers reach the gradient, and with which scale.
+
+Megatron-core adds its MoE load-balancing and MTP losses to the gradient
+without changing the returned LM loss: an autograd function that is the
+identity on an activation in forward and, in backward, also back-propagates
+``ones * scale`` into the auxiliary loss (``MoEAuxLossAutoScaler``,
+``MTPLossAutoScaler``). :class:`RegLossAutoScaler` does the same; the scale is
+folded into the attached tensor, so its backward seed is plain 1.
+
+Gradient scale (per micro-batch, on one rank; ``M`` micro-batches, loss scale
+``ls`` from ``config.grad_scale_func`` for fp16, else 1):
+
+======================  ==============================  ==========================================
+term                    ``calculate_per_token_loss``    attached
+======================  ==============================  ==========================================
+JREG                    True                            ``ls * alpha * S_J``
+JREG                    False                           ``ls * alpha * S_J / (N_tok_mb * M)``
+SimReg global_batch     True                            ``ls * lambda * S_S * N_tok / N_anch``
+SimReg global_batch     False                           ``ls * lambda * S_S * dp_cp / N_anch``
+SimReg micro_batch      True                            ``ls * lambda * S_S * N_tok_mb / N_anch_mb``
+SimReg micro_batch      False                           ``ls * lambda * S_S * cp / (N_anch_mb * M)``
+======================  ==============================  ==========================================
+
+``S_J`` is the rank's layer-weighted sum of per-token layer distances,
+``S_S`` its sum of SimReg ``l_i``; ``N_tok_mb`` the micro-batch's valid tokens
+on this CP rank (as Megatron's ``loss_func`` counts them), ``N_anch_mb`` its
+anchors summed over TP/CP; ``N_tok`` and ``N_anch`` the global batch's totals;
+``dp_cp`` the data x context parallel size.
+
+Why: with ``calculate_per_token_loss`` Megatron sums micro-batch gradients and
+divides once by the global token count; without it each micro-batch's mean is
+divided by ``M`` and data-parallel gradients are averaged over ``dp_cp``. The
+rows above make JREG follow the LM loss's own convention, and make
+``global_batch`` SimReg exactly ``lambda * (sum of l_i over the global batch) /
+(global anchor count)`` in both cases, i.e. the gradient of one large batch.
+That needs ``N_anch`` (and ``N_tok``) before the first backward: anchors
+depend only on labels and the mask, so the driver counts them from the whole
+batch and calls :func:`begin_step` (our trainer does). ``micro_batch`` needs
+nothing and mirrors the MoE aux loss: a mean of per-micro-batch anchor means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+class RegLossAutoScaler(torch.autograd.Function):
+    """Identity on ``output``; backward also seeds ``reg_loss`` with ones."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, reg_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(reg_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (reg_loss,) = ctx.saved_tensors
+        return grad_output, torch.ones_like(reg_loss)
+
+
+@dataclass
+class StepState:
+    """What the current training step tells the forward pass."""
+
+    num_microbatches: int = 1
+    loss_scale: float = 1.0
+    num_anchors: Optional[int] = None  # global batch, for SimReg "global_batch"
+    num_tokens: Optional[int] = None  # global batch, for calculate_per_token_loss
+
+
+STEP = StepState()
+
+
+def begin_step(num_anchors: Optional[int] = None, num_tokens: Optional[int] = None) -> None:
+    """Announce the global batch's SimReg anchor count (and valid-token count).
+
+    Call once per training step, before ``forward_backward_func``, with the
+    counts summed over all micro-batches and data-parallel ranks
+    (:func:`megatron_simreg.megatron.count_step_anchors` computes them).
+    ``num_tokens`` is needed only with ``calculate_per_token_loss``.
+    """
+    STEP.num_anchors = None if num_anchors is None else int(num_anchors)
+    STEP.num_tokens = None if num_tokens is None else int(num_tokens)
+
+
+def end_step() -> None:
+    """Forget the step's counts so that a stale count is never reused."""
+    STEP.num_anchors = STEP.num_tokens = None
+
+
+def wrap_forward_step(original):
+    """Wrap ``schedules.forward_step`` to record ``M`` and the loss scale, as it does for MoE."""
+
+    def forward_step(*args, **kwargs):
+        from inspect import signature
+
+        bound = signature(original).bind(*args, **kwargs)
+        config = bound.arguments["config"]
+        STEP.num_microbatches = int(bound.arguments["num_microbatches"])
+        scale_fn = getattr(config, "grad_scale_func", None)
+        STEP.loss_scale = float(scale_fn(torch.ones(1)).item()) if scale_fn is not None else 1.0
+        return original(*args, **kwargs)
+
+    forward_step.__wrapped__ = original
+    forward_step.__name__ = original.__name__
+    forward_step.__doc__ = original.__doc__
+    return forward_step

@@ -1,0 +1,1 @@
+"""Parallel helpers: SimReg/JREG sums for TP/SP/CP/PP shards (imports megatron-core)."""

@@ -1,0 +1,267 @@
+"""apply_to_megatron(): SimReg + JREG inside GPTModel, exact under TP+SP, PP, DP and micro-batching.
+
+The reference is one process computing, on the whole global batch at once and
+without the patch, ``LM + lambda * simreg_loss(final hidden) + alpha * jreg``
+with the package's plain-PyTorch losses. Every layout, driven through
+Megatron's ``get_forward_backward_func`` with the patch, must give the same
+gradient for every parameter (fp32, rel err < 1e-5).
+"""
+
+import functools
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+import megatron_simreg as ms  # noqa: E402
+from megatron_utils import TINY, build_tiny_gpt, finalize_grads_no_ddp, gather_full_grads, rel_err, run_distributed  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo tests; CPU adaptations refuse CUDA")
+
+TOL = 1e-5
+BATCH, MICRO = 4, 2
+SIMREG = dict(weight=0.5, temperature=0.2)
+JREG = dict(weight=3.0, weighting="layer_weighted", power=1.0)
+
+
+def global_batch():
+    """Tokens with few distinct labels (so there are anchors) and equal masked counts per row."""
+    g = torch.Generator().manual_seed(3)
+    s = TINY["seq_length"]
+    tokens = torch.randint(0, 8, (BATCH, s + 1), generator=g)
+    mask = torch.ones(BATCH, s)
+    mask[:, -3:] = 0
+    mask[:, 2] = 0
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
+
+
+def _reference(rank, world, num_experts, simreg_kw, jreg_kw, representation):
+    """Unpatched model, whole batch, losses written out by hand."""
+    model, _ = build_tiny_gpt(num_experts=num_experts)
+    ids, labels, mask = global_batch()
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    states, final = [], []
+    layers = list(model.decoder.layers)
+    layers[0].register_forward_pre_hook(lambda m, a, k: states.append(k.get("hidden_states", a[0] if a else None)),
+                                        with_kwargs=True)
+    for layer in layers:
+        layer.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out))
+    model.decoder.register_forward_hook(lambda m, a, out: final.append(out))
+    per_token = model(ids, pos, None, labels=labels)
+    lm = (per_token * mask).sum() / mask.sum()
+    bsh = [h.transpose(0, 1) for h in states]  # [s, b, h] -> [b, s, h]
+    rep = final[0].transpose(0, 1) if representation == "post_norm" else bsh[-1]
+    cfg_s, cfg_j = ms.SimRegConfig(**simreg_kw), ms.JRegConfig(**jreg_kw)
+    reg_s = ms.simreg_loss(rep, labels, mask, temperature=cfg_s.temperature, chunk_size=cfg_s.chunk_size)
+    d = ms.layer_angular_distances(bsh, mask, metric=cfg_j.metric)
+    reg_j = ms.jreg_penalty(d, cfg_j.weighting, cfg_j.power)
+    (lm + cfg_s.weight * reg_s + cfg_j.weight * reg_j).backward()
+    return {"lm": lm.detach(), "simreg": reg_s.detach(), "jreg": reg_j.detach(), "grads": gather_full_grads(model)}
+
+
+@functools.lru_cache(maxsize=None)
+def reference(num_experts=None, representation="post_norm"):
+    simreg_kw = dict(SIMREG, representation=representation)
+    return run_distributed(_reference, 1, args=(num_experts, simreg_kw, JREG, representation), timeout=120)[0]
+
+
+def _patched(rank, world, tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_token, use_begin_step):
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_simreg.megatron import apply_to_megatron, begin_step, count_step_anchors, report_losses
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model, config = build_tiny_gpt(tp=tp, pp=pp, sp=sp, num_experts=num_experts, init_parallel=False,
+                                   calculate_per_token_loss=per_token)
+    simreg_cfg = ms.SimRegConfig(**simreg_kw)
+    apply_to_megatron(simreg=simreg_cfg, jreg=ms.JRegConfig(**jreg_kw))
+    apply_to_megatron(simreg=simreg_cfg, jreg=ms.JRegConfig(**jreg_kw))  # idempotent
+
+    ids, labels, mask = global_batch()
+    if use_begin_step:
+        begin_step(num_anchors=count_step_anchors(labels, mask, simreg_cfg), num_tokens=int(mask.sum()))
+    dp_rank, per_rank = ps.get_data_parallel_rank(), BATCH // dp
+    rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    ids, labels, mask = ids[rows], labels[rows], mask[rows]
+    micro = per_rank // MICRO if per_rank >= MICRO else per_rank
+    num_micro = per_rank // micro
+    batches = iter([(ids[i:i + micro], labels[i:i + micro], mask[i:i + micro]) for i in range(0, per_rank, micro)])
+
+    def forward_step(data_iterator, model):
+        x, y, m = next(data_iterator)
+        out = model(x, torch.arange(x.shape[1]).expand_as(x), None, labels=y, loss_mask=m)
+
+        def loss_func(per_token_loss):
+            total = (per_token_loss * m).sum()
+            n = m.sum().to(torch.int)
+            return total, n, {"lm loss": torch.stack([total.detach(), n.float()])}
+
+        return out, loss_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=batches, model=[model], num_microbatches=num_micro,
+        seq_length=ids.shape[1], micro_batch_size=micro, forward_only=False,
+    )
+    finalize_grads_no_ddp(model)
+    dp_group = ps.get_data_parallel_group()
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if dp > 1:  # what Megatron DDP does: average, or sum when calculate_per_token_loss
+            torch.distributed.all_reduce(p.grad, group=dp_group)
+            if not per_token:
+                p.grad /= dp
+        if per_token:  # finalize_model_grads divides by the global number of tokens
+            p.grad /= global_batch()[2].sum()
+    lm = None
+    if ps.is_pipeline_last_stage():
+        tot = torch.stack([x["lm loss"] for x in losses]).sum(0)
+        if dp > 1:
+            torch.distributed.all_reduce(tot, group=dp_group)
+        lm = tot[0] / tot[1]
+    logged = report_losses(pp_group=ps.get_pipeline_model_parallel_group(), dp_group=dp_group)
+    return {"lm": lm, "logged": logged, "grads": gather_full_grads(model)}
+
+
+def run_patched(tp=1, pp=1, sp=False, dp=1, num_experts=None, simreg_kw=None, jreg_kw=None, per_token=False,
+                use_begin_step=True):
+    simreg_kw = dict(SIMREG) if simreg_kw is None else simreg_kw
+    jreg_kw = dict(JREG) if jreg_kw is None else jreg_kw
+    args = (tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_token, use_begin_step)
+    return run_distributed(_patched, tp * pp * dp, args=args, timeout=180)
+
+
+def assert_grads_match(got, ref):
+    assert got.keys() == ref.keys()
+    bad = {k: rel_err(got[k], ref[k]) for k in ref if rel_err(got[k], ref[k]) > TOL}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_micro_batched_single_process_equals_one_large_batch(per_token):
+    ref = reference()
+    out = run_patched(per_token=per_token)[0]
+    assert abs(out["lm"] - ref["lm"]) <= 1e-6 * abs(ref["lm"])  # the returned LM loss is the plain LM loss
+    assert_grads_match(out["grads"], ref["grads"])
+    # logged values: the average of the two micro-batches' own values (close to, not equal to, the batch's)
+    assert out["logged"]["simreg"] == pytest.approx(ref["simreg"].item(), rel=0.2)
+    assert out["logged"]["jreg"] == pytest.approx(ref["jreg"].item(), rel=0.2)
+
+
+def test_pre_norm_representation():
+    ref = reference(representation="pre_norm")
+    out = run_patched(simreg_kw=dict(SIMREG, representation="pre_norm"))[0]
+    assert_grads_match(out["grads"], ref["grads"])
+
+
+def test_dense_tp2_sp():
+    ref = reference()
+    outs = run_patched(tp=2, sp=True)
+    for out in outs:
+        assert_grads_match(out["grads"], ref["grads"])
+
+
+def test_dense_pp2():
+    ref = reference()
+    outs = run_patched(pp=2)
+    assert abs(outs[1]["lm"] - ref["lm"]) <= 1e-6 * abs(ref["lm"])
+    assert_grads_match(outs[0]["grads"], ref["grads"])
+    assert outs[0]["logged"] == outs[1]["logged"]  # JREG summed over stages, SimReg from the last
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_dp2(per_token):
+    ref = reference()
+    outs = run_patched(dp=2, per_token=per_token)
+    for out in outs:
+        assert_grads_match(out["grads"], ref["grads"])
+
+
+def test_moe_tp2_sp_matches_tp1():
+    one = run_patched(num_experts=4)[0]
+    two = run_patched(tp=2, sp=True, num_experts=4)
+    for out in two:
+        assert_grads_match(out["grads"], one["grads"])
+    assert two[0]["logged"]["simreg"] == pytest.approx(one["logged"]["simreg"], rel=1e-5)
+    assert two[0]["logged"]["jreg"] == pytest.approx(one["logged"]["jreg"], rel=1e-5)
+    assert one["logged"]["simreg"] > 0 and one["logged"]["jreg"] > 0
+
+
+def test_micro_batch_normalization_is_the_mean_of_micro_batch_means():
+    # With weight 0 for JREG, the difference between micro_batch and global_batch runs is SimReg's only.
+    kw = dict(jreg_kw=dict(JREG, weight=0.0))
+    mb = run_patched(simreg_kw=dict(SIMREG, normalization="micro_batch"), use_begin_step=False, **kw)[0]
+    none = run_patched(simreg_kw=dict(SIMREG, weight=0.0), **kw)[0]
+    ids, labels, mask = global_batch()
+    # reference of the SimReg part alone: 1/2 * sum over micro-batches of their own anchor means
+    ref = run_distributed(_simreg_part_mean_of_means, 1, args=(), timeout=120)[0]
+    for k in ref:
+        torch.testing.assert_close(mb["grads"][k] - none["grads"][k], ref[k], rtol=1e-4, atol=1e-7)
+
+
+def _simreg_part_mean_of_means(rank, world):
+    model, _ = build_tiny_gpt()
+    ids, labels, mask = global_batch()
+    final = []
+    model.decoder.register_forward_hook(lambda m, a, out: final.append(out))
+    total = 0.0
+    for i in range(0, BATCH, MICRO):
+        final.clear()
+        x = ids[i:i + MICRO]
+        model(x, torch.arange(x.shape[1]).expand_as(x), None)
+        total = total + ms.simreg_loss(final[0].transpose(0, 1), labels[i:i + MICRO], mask[i:i + MICRO],
+                                       temperature=SIMREG["temperature"])
+    (SIMREG["weight"] * total / (BATCH // MICRO)).backward()
+    return gather_full_grads(model)
+
+
+def _needs_begin_step(rank, world):
+    from megatron_simreg.megatron import apply_to_megatron, end_step
+
+    end_step()
+    model, _ = build_tiny_gpt()
+    apply_to_megatron(simreg=ms.SimRegConfig())
+    ids, labels, mask = global_batch()
+    try:
+        model(ids, torch.arange(ids.shape[1]).expand_as(ids), None, labels=labels, loss_mask=mask)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_global_batch_without_begin_step_is_a_clear_error():
+    msg = run_distributed(_needs_begin_step, 1, timeout=120)[0]
+    assert "begin_step" in msg and "micro_batch" in msg
+
+
+def test_patch_is_idempotent_and_reversible():
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.pipeline_parallel import schedules
+
+    from megatron_simreg.megatron import apply_to_megatron, is_patched, undo_megatron_patch
+
+    forward, step = GPTModel.forward, schedules.forward_step
+    apply_to_megatron(simreg=ms.SimRegConfig())
+    apply_to_megatron(jreg=ms.JRegConfig())
+    try:
+        assert is_patched()
+        assert GPTModel.forward.__wrapped__ is forward and schedules.forward_step.__wrapped__ is step
+    finally:
+        undo_megatron_patch()
+    assert GPTModel.forward is forward and schedules.forward_step is step and not is_patched()
+    undo_megatron_patch()  # a second undo is a no-op
+    with pytest.raises(TypeError, match="SimRegConfig"):
+        apply_to_megatron(simreg={"weight": 0.1})
+    assert not is_patched()
+
+
+def test_unsupported_version_and_moved_symbol_are_named(monkeypatch):
+    from megatron_simreg.megatron import compat
+
+    monkeypatch.setattr(compat, "megatron_core_version", lambda: "0.15.2")
+    with pytest.raises(RuntimeError, match=r"megatron-core 0.15.2 is not supported.*0.16.1 to 0.19.x"):
+        ms.apply_to_megatron(simreg=ms.SimRegConfig())
+    with pytest.raises(RuntimeError, match=r"needs megatron.core.models.gpt.gpt_model.GPTModelV2.*0.15.2"):
+        compat.resolve("megatron.core.models.gpt.gpt_model", "GPTModelV2")
