@@ -260,3 +260,15 @@ def test_bad_inputs():
 def test_simreg_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ms.SimRegConfig(**kwargs)
+
+
+def test_zero_state_gradient_matches_naive():
+    # A zero hidden state is clamped by eps in the normalization; both paths must agree there too.
+    hidden, labels, mask = make(b=1, s=12, h=4, seed=10)
+    hidden[0, 3] = 0.0
+    grads = []
+    for impl in ("naive", "blockwise"):
+        h = hidden.clone().requires_grad_()
+        ms.simreg_loss(h, labels, mask, impl=impl, temperature=0.5).backward()
+        grads.append(h.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)

@@ -3,7 +3,8 @@
 
 Each (impl, s, h) case runs in its own subprocess so that peak memory is the
 case's own: on CPU the rise of the process's resident high-water mark
-(``ru_maxrss``) over its value once the inputs exist; on CUDA
+(``ru_maxrss``, with glibc's mmap threshold fixed at 64 KiB so freed
+tensors leave the resident set) over its value once the inputs exist; on CUDA
 ``torch.cuda.max_memory_allocated`` over the same baseline. "Extra" therefore
 counts everything the loss allocates, the input gradient included.
 
@@ -21,6 +22,12 @@ import statistics
 import subprocess
 import sys
 import time
+
+
+# A fixed mmap threshold makes glibc return every large block to the OS when
+# it is freed; otherwise its adaptive threshold keeps freed tensors in the
+# heap and the resident high-water mark counts fragmentation, not live memory.
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def worker(impl: str, s: int, h: int, args) -> dict:
@@ -96,7 +103,7 @@ def main() -> int:
             ref = None
             for impl in args.impls:
                 cmd = [sys.executable, os.path.abspath(__file__), *forward, "--worker", impl, str(s), str(h)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                out = subprocess.run(cmd, capture_output=True, text=True, env=WORKER_ENV)
                 if out.returncode != 0:
                     reason = "out of memory" if "out of memory" in out.stderr.lower() else out.stderr.strip().splitlines()[-1:]
                     print(f"| {s} | {h} | {impl} | failed: {reason} | | | |")

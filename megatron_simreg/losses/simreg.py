@@ -199,6 +199,12 @@ def naive_simreg(
     return SimRegTerms(per_token, anchors)
 
 
+def resolve_impl(impl: str, num_keys: int) -> str:
+    if impl == "auto":
+        return "blockwise" if num_keys >= AUTO_BLOCKWISE_MIN_KEYS else "naive"
+    return impl
+
+
 def simreg_per_token(
     zq: torch.Tensor,
     yq: torch.Tensor,
@@ -225,9 +231,7 @@ def simreg_per_token(
         q_positions = torch.arange(zq.shape[1], device=zq.device)
     if k_positions is None:
         k_positions = q_positions if keys is None else torch.arange(zk.shape[1], device=zk.device)
-    if impl == "auto":
-        impl = "blockwise" if zk.shape[1] >= AUTO_BLOCKWISE_MIN_KEYS else "naive"
-    if impl == "naive":
+    if resolve_impl(impl, zk.shape[1]) == "naive":
         return naive_simreg(zq, yq, vq, q_positions, zk, yk, vk, k_positions, temperature, chunk_size)
     per_token, anchors = blockwise_simreg(
         zq, yq, vq, q_positions, zk, yk, vk, k_positions, temperature, chunk_size, contiguous=contiguous
@@ -255,9 +259,15 @@ def simreg_terms(
     check_chunk_size(chunk_size)
     check_choice("impl", impl, SIMREG_IMPLS)
     check_inputs(hidden, labels, loss_mask, ignore_index=ignore_index, vocab_size=vocab_size, debug=debug)
-    z = normalize(hidden)
     valid = valid_tokens(labels, loss_mask, ignore_index)
-    return simreg_per_token(z, labels, valid, temperature=temperature, chunk_size=chunk_size, impl=impl)
+    if resolve_impl(impl, hidden.shape[1]) == "blockwise":
+        # normalizes inside its autograd function, which saves two [b, s, h] buffers
+        pos = torch.arange(hidden.shape[1], device=hidden.device)
+        h = hidden.to(compute_dtype(hidden.dtype))
+        return SimRegTerms(*blockwise_simreg(h, labels, valid, pos, h, labels, valid, pos, temperature, chunk_size,
+                                             contiguous=True, norm_eps=NORM_EPS))
+    return simreg_per_token(normalize(hidden), labels, valid, temperature=temperature, chunk_size=chunk_size,
+                            impl="naive")
 
 
 def simreg_loss(

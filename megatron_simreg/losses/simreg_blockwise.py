@@ -49,7 +49,18 @@ class BlockwiseSimReg(torch.autograd.Function):
     """Inputs as :func:`blockwise_simreg`; returns ``(per_token [b, sq], anchors [b, sq])``."""
 
     @staticmethod
-    def forward(ctx, zq, zk, yq, yk, vq, vk, pq, pk, temperature, chunk_size, contiguous, block_size):
+    def forward(ctx, zq, zk, yq, yk, vq, vk, pq, pk, temperature, chunk_size, contiguous, block_size, norm_eps):
+        # zk=None: the anchors are their own keys; one gradient buffer then
+        # serves both roles instead of two that autograd would add up.
+        ctx.self_keys = zk is None
+        # norm_eps set: zq holds raw states, normalized here so that the
+        # normalization's backward reuses the gradient buffer in place.
+        norms = None
+        if norm_eps is not None:
+            norms = zq.norm(dim=-1, keepdim=True).clamp_min(norm_eps)
+            zq = zq / norms
+        if zk is None:
+            zk, yk, vk, pk = zq, yq, vq, pq
         b, sq, _ = zq.shape
         lse = zq.new_zeros(b, sq)
         pos_sum = zq.new_zeros(b, sq)
@@ -69,20 +80,20 @@ class BlockwiseSimReg(torch.autograd.Function):
         # backward's exp(sim - lse) stays finite.
         lse = torch.where(anchors, lse, 0.0)
         per_token = torch.where(anchors, lse - pos_sum / num_pos.clamp_min(1), 0.0)
-        ctx.save_for_backward(zq, zk, yq, yk, vq, vk, pq, pk, lse, num_pos, anchors)
-        ctx.args = (temperature, chunk_size, contiguous, block_size)
+        ctx.save_for_backward(zq, zk, yq, yk, vq, vk, pq, pk, lse, num_pos, anchors, norms)
+        ctx.args = (temperature, chunk_size, contiguous, block_size, norm_eps)
         ctx.mark_non_differentiable(anchors)
         return per_token, anchors
 
     @staticmethod
     def backward(ctx, grad_per_token, _grad_anchors):
-        zq, zk, yq, yk, vq, vk, pq, pk, lse, num_pos, anchors = ctx.saved_tensors
-        temperature, chunk_size, contiguous, block_size = ctx.args
+        zq, zk, yq, yk, vq, vk, pq, pk, lse, num_pos, anchors, norms = ctx.saved_tensors
+        temperature, chunk_size, contiguous, block_size, norm_eps = ctx.args
         # Rows that are not anchors contribute nothing (their l_i is a constant 0).
         row_weight = torch.where(anchors, grad_per_token, 0.0) / temperature
         inv_pos = 1.0 / num_pos.clamp_min(1).to(zq.dtype)
         grad_q = torch.zeros_like(zq)
-        grad_k = torch.zeros_like(zk)
+        grad_k = grad_q if ctx.self_keys else torch.zeros_like(zk)
         sq = zq.shape[1]
         for q0 in range(0, sq, block_size):
             q1 = min(q0 + block_size, sq)
@@ -98,7 +109,12 @@ class BlockwiseSimReg(torch.autograd.Function):
             g.mul_(row_weight[:, q0:q1, None])
             grad_q[:, q0:q1] += g @ zk[:, k0:k1]
             grad_k[:, k0:k1] += g.transpose(-1, -2) @ zq[:, q0:q1]
-        return grad_q, grad_k, None, None, None, None, None, None, None, None, None, None
+        if norms is not None:
+            # d(h / n)/dh applied to g: (g - z (z . g)) / n, or g / eps where the norm was clamped.
+            dot = (zq.unsqueeze(-2) @ grad_q.unsqueeze(-1)).squeeze(-1)
+            dot = torch.where(norms > norm_eps, dot, 0.0)
+            grad_q.addcmul_(zq, dot, value=-1.0).div_(norms)
+        return grad_q, None if ctx.self_keys else grad_k, *([None] * 11)
 
 
 def blockwise_simreg(
@@ -115,6 +131,7 @@ def blockwise_simreg(
     *,
     contiguous: bool = False,
     block_size: Optional[int] = None,
+    norm_eps: Optional[float] = None,
 ):
     """Blockwise SimReg on normalized states.
 
@@ -123,9 +140,16 @@ def blockwise_simreg(
     ``[b, s*]``, positions ``p*`` ``[s*]``. ``contiguous=True`` promises
     ``pq == pk == arange`` so chunked mode only visits the block's own chunks.
     ``block_size`` defaults to ``DEFAULT_BLOCK_SIZE``, read at call time.
+    ``norm_eps``: when set, ``zq`` holds raw states (self keys only) that are
+    normalized inside as ``h / max(||h||, norm_eps)``, saving O(s * h) memory.
     Returns ``(per_token [b, sq], anchors [b, sq])``.
     """
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
-    return BlockwiseSimReg.apply(zq, zk, yq, yk, vq, vk, pq, pk, temperature, chunk_size, contiguous, block_size)
+    if zk is zq and yk is yq and vk is vq and pk is pq:
+        zk = None
+    if norm_eps is not None and zk is not None:
+        raise ValueError("norm_eps (normalizing inside) needs the anchors to be their own keys")
+    return BlockwiseSimReg.apply(zq, zk, yq, yk, vq, vk, pq, pk, temperature, chunk_size, contiguous, block_size,
+                                 norm_eps)

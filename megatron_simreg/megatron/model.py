@@ -1,0 +1,107 @@
+"""Building a Megatron-core GPTModel from a few Megatron-LM-style settings.
+
+On CPU the layer spec is the SP-capable local spec of :mod:`.cpu_compat`
+(whose adaptations must be applied); on GPU it is TransformerEngine's spec
+when TE is installed, else Megatron's local spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class GPTShape:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden (SwiGLU: 8/3 rounded is common; keep explicit)
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    vocab_size: int = 1024
+    seq_length: int = 128
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    untie_embeddings: bool = False
+
+
+def _has_apex_wgrad_fusion() -> bool:
+    """NVIDIA apex's fused weight-gradient kernel, used by gradient_accumulation_fusion (optional)."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(shape: GPTShape, *, tp=1, pp=1, cp=1, sp=False, dtype=torch.float32, **overrides):
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size or 4 * shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        sequence_parallel=sp,
+    )
+    if not on_gpu:  # these fusions are CUDA kernels
+        kwargs.update(bias_dropout_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+                      apply_rope_fusion=False, persist_layer_norm=False)
+    if not on_gpu or not _has_apex_wgrad_fusion():
+        kwargs.update(gradient_accumulation_fusion=False)
+    if shape.num_experts:
+        kwargs.update(num_moe_experts=shape.num_experts, moe_router_topk=shape.moe_router_topk,
+                      moe_token_dispatcher_type="allgather", moe_grouped_gemm=False)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(config):
+    if not torch.cuda.is_available():
+        from .cpu_compat import get_cpu_gpt_layer_spec
+
+        return get_cpu_gpt_layer_spec(num_experts=config.num_moe_experts, normalization=config.normalization)
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    try:
+        import transformer_engine  # noqa: F401
+
+        return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts)
+    except ImportError:
+        return specs.get_gpt_layer_local_spec(num_experts=config.num_moe_experts, normalization=config.normalization)
+
+
+def build_gpt(shape: GPTShape, config):
+    """A GPTModel for this pipeline stage (model-parallel state must be initialized)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config),
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.seq_length,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not shape.untie_embeddings,
+        position_embedding_type="rope",
+    )
+    return model.cuda() if torch.cuda.is_available() else model

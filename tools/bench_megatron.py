@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Step time and peak memory of a GPTModel with and without SimReg / JREG.
+
+One process (world size 1; gloo on CPU, NCCL on GPU). Each variant runs in its
+own subprocess so peak memory is its own: on CPU the rise of ``ru_maxrss``
+over the built model, on GPU ``torch.cuda.max_memory_allocated``. A step is
+forward + backward over the micro-batches through Megatron's
+``get_forward_backward_func`` (no optimizer), median of ``--iters`` after
+``--warmup``.
+
+    python tools/bench_megatron.py                        # CPU tiny config
+    python tools/bench_megatron.py --preset gpu-1b        # 1B-class, seq 4096, bf16, on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PRESETS = {
+    "cpu-tiny": dict(num_layers=4, hidden_size=256, num_attention_heads=8, vocab_size=4096, seq_length=512,
+                     micro_batch_size=4, num_microbatches=1, dtype="fp32"),
+    "gpu-small": dict(num_layers=8, hidden_size=1024, num_attention_heads=16, vocab_size=32768, seq_length=2048,
+                      micro_batch_size=4, num_microbatches=1, dtype="bf16"),
+    # ~1.2B parameters: 24 x 2048, Llama-style SwiGLU MLP
+    "gpu-1b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, vocab_size=32768, seq_length=4096,
+                   micro_batch_size=1, num_microbatches=1, dtype="bf16", ffn_hidden_size=5632),
+}
+VARIANTS = ("baseline", "simreg", "jreg", "simreg+jreg")
+# glibc: return freed blocks to the OS so ru_maxrss tracks live memory (see bench_loss.py)
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def worker(args) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    on_gpu = torch.cuda.is_available()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(args.port))
+    dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)
+    if not on_gpu:
+        from megatron_simreg.megatron.cpu_compat import apply_cpu_adaptations
+
+        apply_cpu_adaptations()
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_simreg import JRegConfig, SimRegConfig
+    from megatron_simreg.megatron import apply_to_megatron, begin_step, count_step_anchors
+    from megatron_simreg.megatron.model import GPTShape, build_gpt, transformer_config
+
+    p = args.preset
+    ps.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(0)
+    shape = GPTShape(num_layers=p["num_layers"], hidden_size=p["hidden_size"], ffn_hidden_size=p.get("ffn_hidden_size"),
+                     num_attention_heads=p["num_attention_heads"], vocab_size=p["vocab_size"],
+                     seq_length=p["seq_length"])
+    dtype = torch.bfloat16 if p["dtype"] == "bf16" else torch.float32
+    model = build_gpt(shape, transformer_config(shape, dtype=dtype))
+    simreg = SimRegConfig(weight=0.1, impl=args.impl) if "simreg" in args.variant else None
+    jreg = JRegConfig() if "jreg" in args.variant else None
+    if simreg or jreg:
+        apply_to_megatron(simreg=simreg, jreg=jreg)
+    device = "cuda" if on_gpu else "cpu"
+    b, s, m = p["micro_batch_size"], p["seq_length"], p["num_microbatches"]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, shape.vocab_size, (m, b, s + 1), generator=g).to(device)
+    pos = torch.arange(s, device=device).expand(b, s)
+
+    def forward_step(it, model):
+        batch = next(it)
+        x, y = batch[:, :-1], batch[:, 1:]
+        out = model(x, pos, None, labels=y)
+        return out, lambda t: (t.float().sum() / t.numel(), {"lm": t.detach().float().mean()})
+
+    fb = get_forward_backward_func()
+
+    def step():
+        if simreg:
+            begin_step(num_anchors=count_step_anchors(list(tokens[:, :, 1:].cpu()), None, simreg))
+        model.zero_grad(set_to_none=True)
+        fb(forward_step_func=forward_step, data_iterator=iter(tokens), model=[model], num_microbatches=m,
+           seq_length=s, micro_batch_size=b, forward_only=False)
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    dist.destroy_process_group()
+    params = sum(x.numel() for x in model.parameters())
+    return {"variant": args.variant, "ms": 1e3 * statistics.median(times), "peak_mib": (peak - base) / 2**20,
+            "params": params}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--impl", default="auto", choices=["auto", "naive", "blockwise"])
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=29511, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        args.variant, args.preset = args.worker, PRESETS[args.preset]
+        print(json.dumps(worker(args)))
+        return 0
+
+    import torch
+
+    p = PRESETS[args.preset]
+    print(f"# bench_megatron: preset={args.preset} {p} impl={args.impl} torch={torch.__version__} "
+          f"device={torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} threads={torch.get_num_threads()}")
+    print("| variant | step ms | overhead vs baseline | extra peak MiB |")
+    print("|---|---:|---:|---:|")
+    base = None
+    for i, v in enumerate(args.variants):
+        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", v, "--port", str(29511 + i)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=WORKER_ENV)
+        if out.returncode != 0:
+            print(f"| {v} | failed: {out.stderr.strip().splitlines()[-1:]} | | |", flush=True)
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        base = r if v == "baseline" else base
+        over = f"{100 * (r['ms'] / base['ms'] - 1):+.1f}%" if base else "-"
+        print(f"| {v} | {r['ms']:.1f} | {over} | {r['peak_mib']:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
