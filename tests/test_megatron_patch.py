@@ -66,7 +66,7 @@ def reference(num_experts=None, representation="post_norm"):
     return run_distributed(_reference, 1, args=(num_experts, simreg_kw, JREG, representation), timeout=120)[0]
 
 
-def _patched(rank, world, tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_token, use_begin_step):
+def _patched(rank, world, tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_token, use_begin_step, overrides):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -74,7 +74,7 @@ def _patched(rank, world, tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_t
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     model, config = build_tiny_gpt(tp=tp, pp=pp, sp=sp, num_experts=num_experts, init_parallel=False,
-                                   calculate_per_token_loss=per_token)
+                                   calculate_per_token_loss=per_token, **overrides)
     simreg_cfg = ms.SimRegConfig(**simreg_kw)
     apply_to_megatron(simreg=simreg_cfg, jreg=ms.JRegConfig(**jreg_kw))
     apply_to_megatron(simreg=simreg_cfg, jreg=ms.JRegConfig(**jreg_kw))  # idempotent
@@ -122,14 +122,15 @@ def _patched(rank, world, tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_t
             torch.distributed.all_reduce(tot, group=dp_group)
         lm = tot[0] / tot[1]
     logged = report_losses(pp_group=ps.get_pipeline_model_parallel_group(), dp_group=dp_group)
-    return {"lm": lm, "logged": logged, "grads": gather_full_grads(model)}
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    return {"lm": lm, "logged": logged, "grads": gather_full_grads(model), "missing_grads": missing}
 
 
 def run_patched(tp=1, pp=1, sp=False, dp=1, num_experts=None, simreg_kw=None, jreg_kw=None, per_token=False,
-                use_begin_step=True):
+                use_begin_step=True, **overrides):
     simreg_kw = dict(SIMREG) if simreg_kw is None else simreg_kw
     jreg_kw = dict(JREG) if jreg_kw is None else jreg_kw
-    args = (tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_token, use_begin_step)
+    args = (tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_token, use_begin_step, overrides)
     return run_distributed(_patched, tp * pp * dp, args=args, timeout=180)
 
 
@@ -180,8 +181,11 @@ def test_dp2(per_token):
 
 
 def test_moe_tp2_sp_matches_tp1():
-    one = run_patched(num_experts=4)[0]
-    two = run_patched(tp=2, sp=True, num_experts=4)
+    # beside the router's load-balancing and z-loss, which Megatron attaches the same way
+    moe = dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
+    one = run_patched(num_experts=4, **moe)[0]
+    two = run_patched(tp=2, sp=True, num_experts=4, **moe)
+    assert one["missing_grads"] == [] and all(out["missing_grads"] == [] for out in two)
     for out in two:
         assert_grads_match(out["grads"], one["grads"])
     assert two[0]["logged"]["simreg"] == pytest.approx(one["logged"]["simreg"], rel=1e-5)
@@ -265,3 +269,23 @@ def test_unsupported_version_and_moved_symbol_are_named(monkeypatch):
         ms.apply_to_megatron(simreg=ms.SimRegConfig())
     with pytest.raises(RuntimeError, match=r"needs megatron.core.models.gpt.gpt_model.GPTModelV2.*0.15.2"):
         compat.resolve("megatron.core.models.gpt.gpt_model", "GPTModelV2")
+
+
+def _packed(rank, world):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_simreg.megatron import apply_to_megatron
+
+    model, _ = build_tiny_gpt()
+    apply_to_megatron(simreg=ms.SimRegConfig(normalization="micro_batch"))
+    ids, labels, mask = global_batch()
+    try:
+        model(ids, torch.arange(ids.shape[1]).expand_as(ids), None, labels=labels,
+              packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    except NotImplementedError as e:
+        return str(e)
+    return "no error"
+
+
+def test_packed_sequences_are_refused():
+    assert "packed sequences" in run_distributed(_packed, 1, timeout=120)[0]

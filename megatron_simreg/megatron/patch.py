@@ -216,6 +216,12 @@ def _wrap_gpt_forward(original):
             return original(self, *args, **kwargs)
         bound = sig.bind(self, *args, **kwargs)
         labels, loss_mask = bound.arguments.get("labels"), bound.arguments.get("loss_mask")
+        if bound.arguments.get("packed_seq_params") is not None:
+            # THD packing puts several documents in one row; "same sequence" would pair across them.
+            raise NotImplementedError(
+                "megatron-simreg does not support packed sequences (packed_seq_params / THD layout) yet: "
+                "train with unpacked [b, s] batches, or disable SimReg and JREG (apply_to_megatron())."
+            )
         _install_hooks(self)
         cap = self._megatron_simreg_capture = _Capture()
         try:
