@@ -1,7 +1,8 @@
 """The ``megatron-simreg`` console script.
 
 Each subcommand lives in its own module, which exposes
-``add_arguments(parser)`` and ``main(args) -> int`` and keeps its heavy
+``add_arguments(parser)`` and ``main(args) -> int`` (or ``run_argv(argv)``
+when it parses its own flags) and keeps its heavy
 imports (Megatron, DeepSpeed, transformers) inside ``main`` so that
 ``--help`` stays fast and one command's missing optional dependency does not
 break the others.
@@ -15,7 +16,9 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "demo": ("megatron_simreg.demo", "CPU demo: a small LM trained with and without SimReg/JREG"),
+    "demo": ("megatron_simreg.demo", "CPU demo: a tiny GPT trained with and without SimReg, with a report"),
+    "train": ("megatron_simreg.train_cmd", "pretrain a GPTModel (Megatron-LM flags, --config YAML)"),
+    "env": ("megatron_simreg.env_cmd", "versions, CUDA, TransformerEngine and NVIDIA apex"),
 }
 
 
@@ -31,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        if hasattr(module, "run_argv"):  # the command parses its own flags
+            return module.run_argv(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

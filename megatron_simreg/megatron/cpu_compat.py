@@ -102,6 +102,13 @@ Adaptations (and why each is needed)
    first/last-stage all-reduce; the patch is only active for the duration of
    that call.
 
+6. ``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` (also imported by
+   ``optimizer.optimizer``) asserts ``param.grad.type() ==
+   'torch.cuda.FloatTensor'``; it is replaced by the same scaling without the
+   assertion. The (non-distributed) Megatron optimizer modules are also in
+   the device shim. The *distributed* optimizer is not adapted: it checks
+   ``torch.cuda.*Tensor`` types in many places; on CPU use DeepSpeed ZeRO.
+
 Not adapted: dist-checkpointing (``megatron.core.dist_checkpointing``
 still calls ``torch.cuda.synchronize`` / ``device="cuda"``; save CPU runs
 with ``torch.save(model.state_dict())``), cudagraphs, TE / apex paths,
@@ -163,6 +170,10 @@ _SHIMMED_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.finalize_model_grads",
+    # the (non-distributed) Megatron optimizer: found_inf / overflow buffers
+    # and the grad-norm all-reduce are created on "cuda"
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
 )
 
 # (object, attribute name, original value or _MISSING) recorded by _set_attr.
@@ -444,6 +455,19 @@ def cpu_adaptations_applied() -> bool:
     return bool(getattr(megatron.core, _MARKER, False))
 
 
+def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's ``clip_grad_by_total_norm_fp32`` minus its ``torch.cuda.FloatTensor`` assertion."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for p in parameters:
+            g = getattr(p, attr, None)
+            if g is not None:
+                g.detach().mul_(clip_coeff)
+
+
 def apply_cpu_adaptations() -> None:
     """Patch Megatron-core for CPU/gloo execution (idempotent; see module docstring)."""
     if torch.cuda.is_available():
@@ -491,6 +515,12 @@ def apply_cpu_adaptations() -> None:
             "setup_embeddings_and_output_layer",
             _wrap_setup_embeddings(cls.setup_embeddings_and_output_layer),
         )
+
+        # 6. grad clipping asserts CUDA tensors
+        clip_mod = importlib.import_module("megatron.core.optimizer.clip_grads")
+        opt_mod = importlib.import_module("megatron.core.optimizer.optimizer")
+        _set_attr(clip_mod, "clip_grad_by_total_norm_fp32", _cpu_clip_grad_by_total_norm_fp32)
+        _set_attr(opt_mod, "clip_grad_by_total_norm_fp32", _cpu_clip_grad_by_total_norm_fp32)
     except Exception:
         _undo_all()
         raise

@@ -89,7 +89,7 @@ def layer_spec(config):
         return specs.get_gpt_layer_local_spec(num_experts=config.num_moe_experts, normalization=config.normalization)
 
 
-def build_gpt(shape: GPTShape, config):
+def build_gpt(shape: GPTShape, config, position_embedding_type: str = "rope"):
     """A GPTModel for this pipeline stage (model-parallel state must be initialized)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -102,6 +102,6 @@ def build_gpt(shape: GPTShape, config):
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=not shape.untie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type=position_embedding_type,
     )
     return model.cuda() if torch.cuda.is_available() else model

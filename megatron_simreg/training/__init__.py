@@ -1,0 +1,1 @@
+"""The pretraining pipeline: flags, launch, backends, checkpoints, metrics, the loop."""

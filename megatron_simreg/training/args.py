@@ -1,0 +1,165 @@
+"""``megatron-simreg train`` flags: Megatron-LM's names, plus ``--config file.yaml``.
+
+Precedence: built-in defaults < YAML file < command-line flags. YAML keys are
+the flag names with dashes or underscores (``num-layers`` or ``num_layers``).
+Every cross-flag rule is checked in :func:`validate`, so a bad combination
+fails before any process group or model is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional
+
+import yaml
+
+from ..config import JREG_WEIGHTINGS, SIMREG_MODES
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of flags; command-line flags override it")
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden (8/3 * hidden with --swiglu)")
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm", "LayerNorm"])
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--position-embedding-type", default="rope", choices=["rope", "learned_absolute"])
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g = p.add_argument_group("batching and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default micro-batch-size * data-parallel size")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--nproc-per-node", type=int, default=None,
+                   help="start this many local processes (only when not already launched: RANK unset)")
+    g = p.add_argument_group("backend")
+    g.add_argument("--deepspeed", action="store_true", help="DeepSpeed engine instead of Megatron DDP")
+    g.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron backend; needs CUDA")
+    g = p.add_argument_group("MoE")
+    g.add_argument("--num-experts", type=int, default=None)
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="indexed-dataset prefixes, optionally weighted: 0.3 A 0.7 B (default: the stdlib corpus)")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--tokenizer-model", default=None, help="sentencepiece model (required with --data-path)")
+    g.add_argument("--data-cache-path", default=None)
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--fresh-start", action="store_true", help="ignore an unreadable --load instead of failing")
+    g.add_argument("--exit-interval", type=int, default=None, help="save (with --save) and exit after this iteration")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=4)
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None, help="default <save>/tensorboard")
+    g = p.add_argument_group("SimReg and JREG")
+    g.add_argument("--simreg-weight", type=float, default=0.0, help="lambda; 0 disables SimReg")
+    g.add_argument("--simreg-temperature", type=float, default=0.1)
+    g.add_argument("--simreg-chunk-size", type=int, default=None)
+    g.add_argument("--simreg-mode", default="exact", choices=SIMREG_MODES)
+    g.add_argument("--simreg-representation", default="post_norm", choices=["post_norm", "pre_norm"])
+    g.add_argument("--jreg-weight", type=float, default=0.0, help="alpha; 0 disables JREG")
+    g.add_argument("--jreg-weighting", default="final", choices=JREG_WEIGHTINGS)
+
+
+def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="megatron-simreg train")
+    add_arguments(parser)
+    return finalize(parser, parser.parse_args(argv), argv)
+
+
+def finalize(parser: argparse.ArgumentParser, args: argparse.Namespace, argv=None) -> argparse.Namespace:
+    """Apply ``--config`` under the explicit flags, then validate."""
+    if args.config:
+        if not os.path.isfile(args.config):
+            parser.error(f"--config {args.config}: no such file")
+        with open(args.config) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            parser.error(f"--config {args.config}: expected a mapping of flag names to values")
+        known = {a.dest for a in parser._actions}
+        defaults = {}
+        for key, value in values.items():
+            dest = key.replace("-", "_")
+            if dest not in known or dest == "config":
+                parser.error(f"--config {args.config}: unknown key {key!r} (use the flag names, e.g. num-layers)")
+            defaults[dest] = value
+        parser.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    try:
+        validate(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def validate(a: argparse.Namespace) -> None:
+    """Cross-flag rules; raises ``ValueError`` naming the flags and the fix."""
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.hidden_size % a.num_attention_heads:
+        raise ValueError(f"--hidden-size {a.hidden_size} must be divisible by --num-attention-heads {a.num_attention_heads}")
+    groups = a.num_query_groups or a.num_attention_heads
+    if a.num_attention_heads % groups:
+        raise ValueError(f"--num-attention-heads {a.num_attention_heads} must be divisible by --num-query-groups {groups}")
+    tp = a.tensor_model_parallel_size
+    if a.num_attention_heads % tp or groups % tp:
+        raise ValueError(f"--num-attention-heads and --num-query-groups must be divisible by "
+                         f"--tensor-model-parallel-size {tp}")
+    if a.num_layers % a.pipeline_model_parallel_size:
+        raise ValueError(f"--num-layers {a.num_layers} must be divisible by --pipeline-model-parallel-size "
+                         f"{a.pipeline_model_parallel_size}")
+    if a.sequence_parallel and a.seq_length % (tp * a.context_parallel_size):
+        raise ValueError("--seq-length must be divisible by tensor x context parallel size with --sequence-parallel")
+    if a.context_parallel_size > 1 and a.seq_length % (2 * a.context_parallel_size):
+        raise ValueError("--seq-length must be divisible by 2 * --context-parallel-size (zigzag layout)")
+    if a.num_experts and tp > 1 and not a.sequence_parallel:
+        raise ValueError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (Megatron-core rule)")
+    if a.deepspeed and a.pipeline_model_parallel_size > 1:
+        raise ValueError("--deepspeed with --pipeline-model-parallel-size > 1 is not supported; "
+                         "use the Megatron backend (drop --deepspeed) for pipeline parallelism")
+    if a.deepspeed and a.use_distributed_optimizer:
+        raise ValueError("--use-distributed-optimizer is the Megatron backend's; with --deepspeed use --zero-stage")
+    if a.data_path and not a.tokenizer_model:
+        raise ValueError("--data-path needs --tokenizer-model (the sentencepiece model the data was tokenized with)")
+    if a.save_interval is not None and a.save_interval < 1:
+        raise ValueError("--save-interval must be >= 1")
+    if a.save_interval and not a.save:
+        raise ValueError("--save-interval needs --save DIR")
+    if a.simreg_weight < 0 or a.jreg_weight < 0:
+        raise ValueError("--simreg-weight and --jreg-weight must be >= 0")
+    if a.simreg_temperature <= 0:
+        raise ValueError(f"--simreg-temperature must be > 0, got {a.simreg_temperature}")
+    if a.simreg_chunk_size is not None and a.simreg_chunk_size <= 0:
+        raise ValueError(f"--simreg-chunk-size must be > 0, got {a.simreg_chunk_size}")
+    if a.lr_warmup_iters and a.lr_warmup_iters >= a.train_iters:
+        raise ValueError(f"--lr-warmup-iters ({a.lr_warmup_iters}) must be < --train-iters ({a.train_iters})")
+    if a.lr < 0 or a.min_lr < 0 or a.min_lr > a.lr:
+        raise ValueError(f"need 0 <= --min-lr ({a.min_lr}) <= --lr ({a.lr})")

@@ -1,0 +1,245 @@
+"""The two optimizer/gradient backends behind one small interface.
+
+* :class:`MegatronBackend`: Megatron-core's DDP, ``get_megatron_optimizer``
+  (distributed optimizer on GPU) and ``get_forward_backward_func`` (so
+  pipeline parallelism works).
+* :class:`DeepSpeedBackend`: the DeepSpeed engine (ZeRO 0/1/2) around the same
+  GPTModel, with an ``mpu`` adapter over ``parallel_state``.
+
+A micro-batch is a dict of ``tokens``, ``labels``, ``loss_mask``,
+``position_ids``, each ``[micro_batch, s_local]`` (already sliced for CP).
+``train_step`` returns the global-batch sums of the LM loss and its token count
+on every rank, so logs are the same under any layout.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from ..megatron.step import STEP
+
+
+def _lm_loss_func(mb):
+    mask = mb["loss_mask"].float()
+
+    def loss_func(per_token):
+        total = (per_token.float() * mask).sum()
+        n = mask.sum().to(torch.int)
+        return total, n, {"lm": torch.stack([total.detach(), mask.sum()])}
+
+    return loss_func
+
+
+def _forward(model, mb):
+    return model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"], loss_mask=mb["loss_mask"])
+
+
+def _global_sums(local: torch.Tensor) -> torch.Tensor:
+    """Sum ``[lm_sum, n_tok]`` over the last PP stage and all DP x CP ranks, then share with every rank."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(local, group=ps.get_pipeline_model_parallel_group())  # other stages contribute zeros
+    if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
+        dist.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return local
+
+
+def _scheduler(optimizer, args):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
+        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
+    )
+
+
+class MegatronBackend:
+    def __init__(self, args, model, config):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        if args.use_distributed_optimizer and not torch.cuda.is_available():
+            raise RuntimeError("--use-distributed-optimizer needs CUDA (Megatron's distributed optimizer checks CUDA "
+                               "tensor types); on CPU use --deepspeed --zero-stage 1|2 to shard optimizer state")
+        self.args, self.config = args, config
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=args.use_distributed_optimizer,
+                                                   overlap_grad_reduce=False, grad_reduce_in_fp32=True)
+        self.model = DistributedDataParallel(config, ddp_config, model)
+        config.finalize_model_grads_func = finalize_model_grads
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+            bf16=args.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=args.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.scheduler = _scheduler(self.optimizer, args)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _run(self, microbatches: List[Dict], forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            return _forward(model, mb), _lm_loss_func(mb)
+
+        mb0 = microbatches[0]
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[self.model],
+            num_microbatches=len(microbatches), seq_length=mb0["tokens"].shape[1],
+            micro_batch_size=mb0["tokens"].shape[0], forward_only=forward_only,
+        )
+        local = torch.stack([x["lm"] for x in out]).sum(0) if out else torch.zeros(2)
+        return _global_sums(local.detach().float().cpu().clone())
+
+    def train_step(self, microbatches):
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        sums = self._run(microbatches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return sums, float(grad_norm) if grad_norm is not None else float("nan")
+
+    @torch.no_grad()
+    def eval_step(self, microbatches):
+        self.model.eval()
+        return self._run(microbatches, forward_only=True)
+
+    def write_checkpoint(self, directory: str) -> None:
+        rank = dist.get_rank()
+        torch.save({"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict()}, os.path.join(directory, f"rank_{rank:05d}.pt"))
+
+    def read_checkpoint(self, directory: str, load_optim: bool) -> None:
+        from .checkpoint import load_rank_file
+
+        state = load_rank_file(os.path.join(directory, f"rank_{dist.get_rank():05d}.pt"))
+        self.model.module.load_state_dict(state["model"])
+        if load_optim:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+class _MegatronMpu:
+    """What DeepSpeed asks of an ``mpu``, answered by Megatron's ``parallel_state``.
+
+    DeepSpeed calls ``get_model_parallel_*``, which ``parallel_state`` lacks; its
+    data-parallel group must include context parallelism, since CP ranks hold
+    the same samples' gradients to be averaged.
+    """
+
+    def __getattr__(self, name):
+        from megatron.core import parallel_state as ps
+
+        mapping = {
+            "get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
+            "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
+            "get_model_parallel_group": ps.get_tensor_model_parallel_group,
+            "get_data_parallel_rank": lambda: ps.get_data_parallel_rank(with_context_parallel=True),
+            "get_data_parallel_world_size": lambda: ps.get_data_parallel_world_size(with_context_parallel=True),
+            "get_data_parallel_group": lambda: ps.get_data_parallel_group(with_context_parallel=True),
+        }
+        if name in mapping:
+            return mapping[name]
+        return getattr(ps, name)
+
+
+class DeepSpeedBackend:
+    def __init__(self, args, model, config, num_microbatches: int):
+        import deepspeed
+        from megatron.core import parallel_state as ps
+
+        self.args, self.config, self.num_microbatches = args, config, num_microbatches
+        decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
+        base = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": args.micro_batch_size,
+            "gradient_accumulation_steps": num_microbatches,
+            "zero_optimization": {"stage": args.zero_stage},
+            "gradient_clipping": args.clip_grad,
+            "bf16": {"enabled": bool(args.bf16)},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            self._reduce_sequence_parallel_grads(model)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=base, config=ds_config, mpu=_MegatronMpu())
+        self.base_optimizer = base
+        self.scheduler = _scheduler(base, args)
+        # Keep scheduler-managed weight decay off the no-decay group.
+        base.param_groups[1]["wd_mult"] = 0.0
+
+    @staticmethod
+    def _reduce_sequence_parallel_grads(model):
+        """Megatron's finalize_model_grads all-reduces SP-flagged grads across TP; DeepSpeed does not."""
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_tensor_model_parallel_group()
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False):
+                def hook(grad, group=group):
+                    grad = grad.clone()
+                    dist.all_reduce(grad, group=group)
+                    return grad
+                p.register_hook(hook)
+
+    @property
+    def lr(self) -> float:
+        return self.base_optimizer.param_groups[0]["lr"]
+
+    def train_step(self, microbatches):
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        self.engine.train()
+        # DeepSpeed divides the main loss by the accumulation steps; the
+        # auxiliary losses bypass that division, so scale them here.
+        STEP.num_microbatches, STEP.loss_scale = len(microbatches), 1.0
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / len(microbatches))
+        local = torch.zeros(2)
+        for mb in microbatches:
+            per_token = _forward(self.engine, mb)
+            mask = mb["loss_mask"].float()
+            total = (per_token.float() * mask).sum()
+            self.engine.backward(total / mask.sum().clamp_min(1))
+            self.engine.step()
+            local += torch.stack([total.detach().cpu(), mask.sum().cpu()])
+        self.scheduler.step(increment=1)
+        grad_norm = self.engine.get_global_grad_norm()
+        return _global_sums(local), float(grad_norm) if grad_norm is not None else float("nan")
+
+    @torch.no_grad()
+    def eval_step(self, microbatches):
+        self.engine.eval()
+        local = torch.zeros(2)
+        for mb in microbatches:
+            per_token = _forward(self.engine, mb)
+            mask = mb["loss_mask"].float()
+            local += torch.stack([(per_token.float() * mask).sum().cpu(), mask.sum().cpu()])
+        return _global_sums(local)
+
+    def write_checkpoint(self, directory: str) -> None:
+        self.engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state",
+                                    client_state={"scheduler": self.scheduler.state_dict()}, save_latest=False)
+
+    def read_checkpoint(self, directory: str, load_optim: bool) -> None:
+        from .checkpoint import CheckpointError
+
+        path, client = self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state",
+                                                   load_optimizer_states=load_optim,
+                                                   load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no loadable state in {directory}/deepspeed; the checkpoint is "
+                                  "incomplete or was written by the Megatron backend (drop --deepspeed)")
+        if load_optim:
+            self.scheduler.load_state_dict(client["scheduler"])

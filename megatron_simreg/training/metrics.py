@@ -1,0 +1,63 @@
+"""Where training metrics go: ``<save>/metrics.jsonl``, TensorBoard, and the terminal.
+
+Only global rank 0 writes. Each logged iteration is one JSON object per line,
+appended and flushed at once so a crash loses at most the current line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Dict, Optional
+
+
+class MetricsWriter:
+    def __init__(self, save_dir: Optional[str], tensorboard_dir: Optional[str], total_iters: int, start_iter: int,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        if save_dir:
+            os.makedirs(save_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(save_dir, "metrics.jsonl"), "a")
+        tb_dir = tensorboard_dir or (os.path.join(save_dir, "tensorboard") if save_dir else None)
+        if tb_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(tb_dir)
+            except ImportError:  # tensorboard is optional; say so once
+                print("note: tensorboard is not installed; TensorBoard logs are off (pip install tensorboard)")
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_iters, initial=start_iter, unit="it", dynamic_ncols=True)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        it = record["iteration"]
+        if self.tb:
+            for k, v in record.items():
+                if k != "iteration" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, it)
+        shown = {k: record[k] for k in ("lm_loss", "val_loss", "simreg_loss", "jreg_loss", "lr", "grad_norm")
+                 if k in record}
+        text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        if self.bar:
+            self.bar.n = it
+            self.bar.set_postfix_str(text, refresh=True)
+        else:
+            print(f"iteration {it}: {text}", flush=True)
+
+    def close(self) -> None:
+        for h in (self.jsonl, self.tb, self.bar):
+            if h is not None:
+                h.close()

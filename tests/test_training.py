@@ -1,0 +1,151 @@
+"""``megatron-simreg train`` end to end on CPU: backends, layouts, exact resume, crash-safe saves, bad input.
+
+Each run is a subprocess (the trainer owns torch.distributed and Megatron's
+global parallel state), on a tiny GPT over the cached stdlib corpus.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+        "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--swiglu",
+        "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1"]
+REG = ["--simreg-weight", "0.1", "--jreg-weight", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def train(*flags, cache, env=None, expect_ok=True, timeout=400):
+    cmd = [sys.executable, "-m", "megatron_simreg.cli", "train", *TINY, "--data-cache-path", cache, *flags]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if expect_ok:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def metrics(save):
+    return [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
+
+
+def losses(save):
+    return [round(r["lm_loss"], 6) for r in metrics(save)]
+
+
+@pytest.mark.parametrize("backend", [[], ["--deepspeed", "--zero-stage", "2"]], ids=["megatron", "deepspeed"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache, backend):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train("--train-iters", "6", "--save", full, *REG, *backend, cache=cache)
+    train("--train-iters", "6", "--save", part, "--exit-interval", "3", *REG, *backend, cache=cache)
+    train("--train-iters", "6", "--save", part, "--load", part, *REG, *backend, cache=cache)
+    a, b = metrics(full), metrics(part)
+    assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        for key in ("lm_loss", "simreg_loss", "jreg_loss", "lr", "val_loss"):
+            if key in ra:
+                assert abs(ra[key] - rb[key]) <= 1e-6 * max(1.0, abs(ra[key])), (key, ra, rb)
+    record = a[-1]
+    for key in ("iteration", "consumed_tokens", "lm_loss", "simreg_loss", "jreg_loss", "lr", "grad_norm",
+                "tokens_per_sec", "tflops", "mem_gb", "val_loss"):
+        assert key in record
+
+
+@pytest.mark.parametrize("layout", [
+    ["--nproc-per-node", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--deepspeed",
+     "--zero-stage", "1"],
+    ["--nproc-per-node", "2", "--deepspeed", "--zero-stage", "2"],
+    ["--nproc-per-node", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    ["--nproc-per-node", "2", "--pipeline-model-parallel-size", "2"],
+], ids=["ds-zero1-tp2-sp", "ds-zero2-dp2", "megatron-tp2-sp", "megatron-pp2"])
+def test_parallel_layouts_log_the_same_losses(tmp_path, cache, layout):
+    single = str(tmp_path / "single")
+    ds = ["--deepspeed", "--zero-stage", "1"] if "--deepspeed" in layout else []
+    train("--train-iters", "3", "--save", single, *REG, *ds, cache=cache)
+    multi = str(tmp_path / "multi")
+    train("--train-iters", "3", "--save", multi, *REG, *layout, cache=cache)
+    for ra, rb in zip(metrics(single), metrics(multi)):
+        for key in ("lm_loss", "simreg_loss", "jreg_loss"):
+            assert abs(ra[key] - rb[key]) <= 2e-5 * abs(ra[key]), (key, ra, rb)
+
+
+@pytest.mark.parametrize("backend", [[], ["--deepspeed", "--zero-stage", "1"]], ids=["megatron", "deepspeed"])
+def test_moe_tp2_sp_logs_the_same_losses(tmp_path, cache, backend):
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", *REG, *backend]
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    train("--train-iters", "2", "--save", single, *moe, cache=cache)
+    train("--train-iters", "2", "--save", multi, "--nproc-per-node", "2", "--tensor-model-parallel-size", "2",
+          "--sequence-parallel", *moe, cache=cache)
+    for ra, rb in zip(metrics(single), metrics(multi)):
+        for key in ("lm_loss", "simreg_loss", "jreg_loss", "moe_aux_loss"):
+            assert abs(ra[key] - rb[key]) <= 2e-5 * max(abs(ra[key]), 1e-3), (key, ra, rb)
+
+
+def test_crash_mid_save_keeps_the_last_checkpoint(tmp_path, cache):
+    save = str(tmp_path / "run")
+    out = train("--train-iters", "4", "--save", save, "--save-interval", "2", cache=cache, expect_ok=False,
+                env={"MEGATRON_SIMREG_CRASH_IN_SAVE": "4"})
+    assert out.returncode != 0 and "crash injected" in out.stderr
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "2"
+    assert os.path.isdir(os.path.join(save, "iter_0000004.tmp"))
+    train("--train-iters", "4", "--save", save, "--load", save, cache=cache)
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "4"
+    assert not os.path.exists(os.path.join(save, "iter_0000004.tmp"))
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path, cache):
+    save = str(tmp_path / "run")
+    train("--train-iters", "2", "--save", save, cache=cache)
+    out = train("--train-iters", "4", "--load", save, "--hidden-size", "64", cache=cache, expect_ok=False)
+    assert out.returncode != 0 and "does not match" in out.stderr and "hidden_size: checkpoint=32 run=64" in out.stderr
+    with open(os.path.join(save, "iter_0000002", "rank_00000.pt"), "r+b") as f:
+        f.truncate(100)
+    out = train("--train-iters", "4", "--load", save, cache=cache, expect_ok=False)
+    assert out.returncode != 0 and "corrupt" in out.stderr and "rank_00000.pt" in out.stderr
+    missing = str(tmp_path / "nothing_here")
+    out = train("--train-iters", "2", "--load", missing, cache=cache, expect_ok=False)
+    assert out.returncode != 0 and "no checkpoint there" in out.stderr and "--fresh-start" in out.stderr
+    train("--train-iters", "2", "--load", missing, "--fresh-start", cache=cache)
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(tmp_path, cache):
+    save = str(tmp_path / "run")
+    out = train("--train-iters", "6", "--save", save, "--save-interval", "1", "--lr", "1e30", "--clip-grad", "0",
+                cache=cache, expect_ok=False)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "LM loss is nan" in out.stderr or "LM loss is inf" in out.stderr
+    last = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
+    assert os.path.isdir(os.path.join(save, f"iter_{last:07d}"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--hidden-size", "30"], "divisible by --num-attention-heads"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+    (["--deepspeed", "--pipeline-model-parallel-size", "2"], "not supported"),
+    (["--data-path", "/nonexistent/prefix", "--tokenizer-model", "/nonexistent.model"], "nonexistent"),
+    (["--save-interval", "2"], "needs --save"),
+    (["--bf16"], "needs CUDA"),
+])
+def test_bad_flags(cache, flags, message):
+    out = train("--train-iters", "2", *flags, cache=cache, expect_ok=False, timeout=200)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_config_file_and_flag_precedence(tmp_path, cache):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num-layers: 2\nhidden-size: 64\ntrain-iters: 1\n")
+    from megatron_simreg.training.args import parse_train_args
+
+    args = parse_train_args(["--config", str(cfg), "--hidden-size", "32"])
+    assert args.num_layers == 2 and args.hidden_size == 32 and args.train_iters == 1
+    cfg.write_text("hidden_sizes: 64\n")
+    with pytest.raises(SystemExit):
+        parse_train_args(["--config", str(cfg)])
