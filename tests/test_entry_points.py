@@ -13,11 +13,16 @@ def run(*cmd):
     return out.stdout
 
 
-def test_cli_demo_tiny():
-    out = run("-m", "megatron_simreg.cli", "demo", "--train-iters", "3", "--seq-length", "32",
-              "--micro-batch-size", "4", "--hidden-size", "32", "--num-layers", "2", "--corpus-bytes", "50000")
-    rows = [line for line in out.splitlines() if line.startswith(("baseline", "simreg", "jreg"))]
-    assert len(rows) == 3
+def test_cli_demo_tiny(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("num-layers: 2\nhidden-size: 32\nnum-attention-heads: 4\nseq-length: 32\nmicro-batch-size: 2\n"
+                   "global-batch-size: 2\ntrain-iters: 4\neval-interval: 2\neval-iters: 1\n")
+    out = run("-m", "megatron_simreg.cli", "demo", "--out", str(tmp_path / "demo"), "--config", str(cfg),
+              "--data-cache-path", str(tmp_path / "cache"))
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| baseline |" in report and "| simreg |" in report and "speed-up" in report
+    assert (tmp_path / "demo" / "val_loss.png").stat().st_size > 1000
+    assert "report:" in out
 
 
 def test_cli_without_command_prints_help():
