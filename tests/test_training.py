@@ -149,3 +149,23 @@ def test_config_file_and_flag_precedence(tmp_path, cache):
     cfg.write_text("hidden_sizes: 64\n")
     with pytest.raises(SystemExit):
         parse_train_args(["--config", str(cfg)])
+
+
+def test_sigusr1_saves_at_the_next_step_and_exits_cleanly(tmp_path, cache):
+    import signal
+    import time
+
+    save = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "megatron_simreg.cli", "train", *TINY, "--data-cache-path", cache,
+           "--train-iters", "100000", "--lr-warmup-iters", "1", "--save", save]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 200
+    while time.time() < deadline and not (os.path.exists(os.path.join(save, "metrics.jsonl"))
+                                          and os.path.getsize(os.path.join(save, "metrics.jsonl")) > 0):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=200)
+    assert proc.returncode == 0, err[-2000:]
+    last = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
+    assert last == metrics(save)[-1]["iteration"] and last < 100000

@@ -135,6 +135,7 @@ def _all_sum(values, group=None):
 def run(args) -> dict:
     """Train; returns the last logged record. Every rank calls it."""
     init_distributed()
+    install_signal_handlers()
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         if args.bf16:
@@ -237,7 +238,7 @@ def run(args) -> dict:
             if (it + 1) % args.log_interval == 0 or "val_loss" in record or it + 1 == args.train_iters:
                 writer.log(record)
             last = record
-            exiting = args.exit_interval and (it + 1) % args.exit_interval == 0
+            exiting = (args.exit_interval and (it + 1) % args.exit_interval == 0) or _signal_received()
             if args.save and ((args.save_interval and (it + 1) % args.save_interval == 0) or exiting):
                 save(args, backend, it + 1, settings)
             if exiting:
@@ -248,6 +249,28 @@ def run(args) -> dict:
     finally:
         writer.close()
     return last
+
+
+_SIGNALLED = {"flag": False}
+
+
+def install_signal_handlers() -> None:
+    """SIGUSR1 (SLURM's warning before preemption) and SIGTERM: checkpoint at the next step boundary, then exit."""
+    import signal
+
+    def handler(signum, frame):
+        _SIGNALLED["flag"] = True
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def _signal_received() -> bool:
+    """Whether any rank got a stop signal: ranks must agree on the iteration they stop at."""
+    flag = torch.tensor([1.0 if _SIGNALLED["flag"] else 0.0])
+    if dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def evaluate(backend, valid_batches: Batches, eval_iters: int) -> float:
