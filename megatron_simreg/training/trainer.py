@@ -280,8 +280,21 @@ def evaluate(backend, valid_batches: Batches, eval_iters: int) -> float:
     return float(sums[0] / sums[1].clamp_min(1))
 
 
+def _rank_layout() -> list:
+    """``[{rank, tp, pp, cp, dp}]`` for every global rank: how to merge the per-rank files (export-hf)."""
+    from megatron.core import parallel_state as ps
+
+    mine = {"rank": dist.get_rank(), "tp": ps.get_tensor_model_parallel_rank(),
+            "pp": ps.get_pipeline_model_parallel_rank(), "cp": ps.get_context_parallel_rank(),
+            "dp": ps.get_data_parallel_rank()}
+    table = [None] * dist.get_world_size()
+    dist.all_gather_object(table, mine)
+    return table
+
+
 def save(args, backend, iteration: int, settings: dict) -> None:
     meta = {"iteration": iteration, "model": settings, "backend": "deepspeed" if args.deepspeed else "megatron",
+            "ranks": _rank_layout(), "tokenizer_model": getattr(args, "_tokenizer_model", None),
             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
     ckpt.save(args.save, iteration, meta, backend.write_checkpoint)
 
@@ -319,6 +332,7 @@ def _datasets(args, gbs):
         prefix, tok_model = _on_rank0_first(lambda: prepare_default_corpus(cache))
         data_path = [prefix]
     tokenizer = Tokenizer(tok_model)
+    args._tokenizer_model = os.path.abspath(tok_model)  # recorded in checkpoints for export-hf
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
     num_samples = (args.train_iters * gbs, max(1, evals) * args.eval_iters * gbs, None)
     # collective: Megatron's builder lets rank 0 build the index caches first
