@@ -52,6 +52,8 @@ def model_settings(args, vocab_size: int) -> dict:
             "num_experts", "moe_router_topk", "tensor_model_parallel_size", "pipeline_model_parallel_size",
             "context_parallel_size", "deepspeed")
     out = {k: getattr(args, k) for k in keys}
+    out["ffn_hidden_size"] = ffn_hidden_size(args)
+    out["num_query_groups"] = args.num_query_groups or args.num_attention_heads
     out["padded_vocab_size"] = vocab_size
     out["data_parallel_size"] = dist.get_world_size() // (
         args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size)
@@ -63,12 +65,17 @@ def padded_vocab(vocab: int, args) -> int:
     return int(math.ceil(vocab / multiple) * multiple)
 
 
+def ffn_hidden_size(args) -> int:
+    """``--ffn-hidden-size``, else 4h, or 8h/3 rounded up to a multiple of 64 with SwiGLU (Llama's rule)."""
+    return args.ffn_hidden_size or (int(8 * args.hidden_size / 3 + 63) // 64 * 64 if args.swiglu else 4 * args.hidden_size)
+
+
 def build_model(args, vocab_size: int):
     import torch.nn.functional as F
 
     from ..megatron.model import GPTShape, build_gpt, transformer_config
 
-    ffn = args.ffn_hidden_size or (int(8 * args.hidden_size / 3 + 63) // 64 * 64 if args.swiglu else 4 * args.hidden_size)
+    ffn = ffn_hidden_size(args)
     shape = GPTShape(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=ffn,
                      num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
                      vocab_size=vocab_size, seq_length=args.seq_length, num_experts=args.num_experts,
