@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-SIMREG_IMPLS = ("auto", "naive", "blockwise")
+SIMREG_IMPLS = ("auto", "naive", "blockwise", "triton")
 SIMREG_REPRESENTATIONS = ("post_norm", "pre_norm")
 SIMREG_MODES = ("exact", "shard_local")
 SIMREG_NORMALIZATIONS = ("global_batch", "micro_batch")
@@ -55,7 +55,7 @@ class SimRegConfig:
         representation: ``"post_norm"`` (default) regularizes the states the
             LM head classifies, i.e. after the final norm; ``"pre_norm"`` the
             last layer's output before it.
-        impl: ``"auto" | "naive" | "blockwise"``, see :func:`simreg_loss`.
+        impl: ``"auto" | "naive" | "blockwise" | "triton"``, see :func:`simreg_loss`.
         mode: how the loss is split under tensor/sequence/context parallelism
             (the Megatron integration): ``"exact"`` reproduces the
             single-process loss, ``"shard_local"`` treats each rank's shard as

@@ -87,7 +87,7 @@ def write_report(args, curves) -> str:
     settings = open(args.config).read().strip()
     lines = [
         "# megatron-simreg CPU demo: baseline vs SimReg", "",
-        f"Both runs use `{os.path.relpath(args.config)}` with the same seed and data order"
+        f"Both runs use `{args.config}` with the same seed and data order"
         + (f", {args.train_iters} iterations" if args.train_iters else "") + "; SimReg adds "
         f"`--simreg-weight {args.simreg_weight} --simreg-temperature {args.simreg_temperature}`.", "",
         "| run | final val loss | tokens to reach baseline's final val loss |", "|---|---:|---:|",

@@ -36,12 +36,16 @@ Implementations
 ``"naive"``      materializes the ``[b, s, s]`` similarities: the readable
                  reference.
 ``"blockwise"``  :mod:`.simreg_blockwise`, never holds an ``s x s`` matrix.
-``"auto"``       naive below ``AUTO_BLOCKWISE_MIN_KEYS`` keys, blockwise from
+``"triton"``     :mod:`megatron_simreg.kernels.simreg_triton`, fused Triton
+                 kernels (CUDA; needs the ``triton`` package).
+``"auto"``       triton for CUDA tensors when triton is installed; otherwise
+                 naive below ``AUTO_BLOCKWISE_MIN_KEYS`` keys, blockwise from
                  there on.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import NamedTuple, Optional
 
 import torch
@@ -199,8 +203,25 @@ def naive_simreg(
     return SimRegTerms(per_token, anchors)
 
 
-def resolve_impl(impl: str, num_keys: int) -> str:
+def triton_usable(states: torch.Tensor) -> bool:
+    """Whether ``impl="auto"`` takes the Triton kernel: CUDA fp32/bf16/fp16 states and triton installed."""
+    return (states.is_cuda and states.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and importlib.util.find_spec("triton") is not None)
+
+
+def load_triton_simreg():
+    try:
+        from ..kernels.simreg_triton import triton_simreg
+    except ImportError as e:
+        raise ImportError(f'impl="triton" needs the triton package, which could not be imported ({e}); install it '
+                          'with `pip install triton` (CUDA builds of torch ship it), or use impl="blockwise"') from e
+    return triton_simreg
+
+
+def resolve_impl(impl: str, num_keys: int, states: Optional[torch.Tensor] = None) -> str:
     if impl == "auto":
+        if states is not None and triton_usable(states):
+            return "triton"
         return "blockwise" if num_keys >= AUTO_BLOCKWISE_MIN_KEYS else "naive"
     return impl
 
@@ -231,9 +252,10 @@ def simreg_per_token(
         q_positions = torch.arange(zq.shape[1], device=zq.device)
     if k_positions is None:
         k_positions = q_positions if keys is None else torch.arange(zk.shape[1], device=zk.device)
-    if resolve_impl(impl, zk.shape[1]) == "naive":
+    which = resolve_impl(impl, zk.shape[1], zq)
+    if which == "naive":
         return naive_simreg(zq, yq, vq, q_positions, zk, yk, vk, k_positions, temperature, chunk_size)
-    per_token, anchors = blockwise_simreg(
+    per_token, anchors = (load_triton_simreg() if which == "triton" else blockwise_simreg)(
         zq, yq, vq, q_positions, zk, yk, vk, k_positions, temperature, chunk_size, contiguous=contiguous
     )
     return SimRegTerms(per_token, anchors)
@@ -260,7 +282,13 @@ def simreg_terms(
     check_choice("impl", impl, SIMREG_IMPLS)
     check_inputs(hidden, labels, loss_mask, ignore_index=ignore_index, vocab_size=vocab_size, debug=debug)
     valid = valid_tokens(labels, loss_mask, ignore_index)
-    if resolve_impl(impl, hidden.shape[1]) == "blockwise":
+    which = resolve_impl(impl, hidden.shape[1], hidden)
+    if which == "triton":
+        # reads the states in their own dtype and normalizes inside its kernels
+        pos = torch.arange(hidden.shape[1], device=hidden.device)
+        return SimRegTerms(*load_triton_simreg()(hidden, labels, valid, pos, hidden, labels, valid, pos, temperature,
+                                                 chunk_size, contiguous=True, norm_eps=NORM_EPS))
+    if which == "blockwise":
         # normalizes inside its autograd function, which saves two [b, s, h] buffers
         pos = torch.arange(hidden.shape[1], device=hidden.device)
         h = hidden.to(compute_dtype(hidden.dtype))
@@ -293,7 +321,7 @@ def simreg_loss(
         ignore_index: label value marking positions without a label.
         reduction: ``"mean"`` (per anchor; 0 when there is none), ``"sum"``
             or ``"none"`` (``[b, s]``).
-        impl: ``"auto" | "naive" | "blockwise"``.
+        impl: ``"auto" | "naive" | "blockwise" | "triton"``.
         vocab_size: when given, labels are checked against ``[0, vocab_size)``.
         debug: also run the value checks (label range, NaN/Inf) on GPU
             tensors, at the cost of a device sync.

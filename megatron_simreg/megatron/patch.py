@@ -190,7 +190,7 @@ def _attach(model, out, cap: _Capture, labels, loss_mask):
     simreg, jreg = _ACTIVE.simreg, _ACTIVE.jreg
     some = cap.final if cap.final is not None else cap.layer_input
     b = some.shape[1]
-    if loss_mask is None:
+    if loss_mask is None:  # every token is valid; the mask spans this CP rank's sequence
         s_cp = labels.shape[1] if labels is not None else some.shape[0] * (layout.tp if layout.sequence_parallel else 1)
         loss_mask = torch.ones(b, s_cp, device=some.device)
     n_tok_mb = (loss_mask == 1).sum().to(torch.float32)

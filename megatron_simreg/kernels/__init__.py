@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton); imported only when ``impl="triton"`` asks for them."""
