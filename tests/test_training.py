@@ -169,3 +169,15 @@ def test_sigusr1_saves_at_the_next_step_and_exits_cleanly(tmp_path, cache):
     assert proc.returncode == 0, err[-2000:]
     last = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
     assert last == metrics(save)[-1]["iteration"] and last < 100000
+
+
+def test_tokenizer_larger_than_the_checkpoint_vocabulary(tmp_path, cache):
+    from megatron_simreg.data.default_corpus import prepare_default_corpus
+
+    save = str(tmp_path / "run")
+    train("--train-iters", "2", "--save", save, cache=cache)  # default tokenizer: 4096 tokens
+    prefix, big_tokenizer = prepare_default_corpus(cache, vocab_size=8192)
+    out = train("--train-iters", "4", "--load", save, "--data-path", prefix, "--tokenizer-model", big_tokenizer,
+                cache=cache, expect_ok=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "the tokenizer has 8192 tokens but the model's vocabulary has only 4096" in out.stderr

@@ -29,6 +29,7 @@ def _child(rank: int, world: int, port: int, argv):
 
 def launch(args, argv) -> int:
     """Run training for parsed ``args`` (``argv`` re-parsed in children)."""
+    from .checkpoint import CheckpointError
     from .trainer import TrainingStopped, run
 
     n = args.nproc_per_node
@@ -44,6 +45,9 @@ def launch(args, argv) -> int:
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad input: the message says what to fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # torch.multiprocessing wraps child errors; show the child's message
         msg = str(e)
         if "TrainingStopped" in msg:

@@ -317,6 +317,9 @@ def _maybe_load(args, backend, settings) -> int:
             f"--load {args.load}: no checkpoint there ({ckpt.POINTER} not found). Check the path, or pass "
             "--fresh-start to start from scratch when the directory holds no checkpoint yet")
     meta = ckpt.load_meta(args.load, iteration)
+    from ..data.tokenizer import check_vocab_fits
+
+    check_vocab_fits(args._tokenizer_vocab, meta["model"]["padded_vocab_size"])
     ckpt.check_compatible(meta["model"], settings, ckpt.iteration_dir(args.load, iteration))
     directory = ckpt.iteration_dir(args.load, iteration)
     backend.read_checkpoint(directory, load_optim=not args.no_load_optim)
@@ -340,6 +343,7 @@ def _datasets(args, gbs):
         data_path = [prefix]
     tokenizer = Tokenizer(tok_model)
     args._tokenizer_model = os.path.abspath(tok_model)  # recorded in checkpoints for export-hf
+    args._tokenizer_vocab = tokenizer.vocab_size
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
     num_samples = (args.train_iters * gbs, max(1, evals) * args.eval_iters * gbs, None)
     # collective: Megatron's builder lets rank 0 build the index caches first
