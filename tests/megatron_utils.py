@@ -17,7 +17,6 @@ import socket
 import tempfile
 import time
 import traceback
-import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch

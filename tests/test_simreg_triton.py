@@ -49,7 +49,7 @@ def _worker() -> dict:  # runs in the subprocess, under the interpreter
         from megatron_simreg.kernels import simreg_triton
     except Exception as e:  # noqa: BLE001
         return {"import_error": f"{type(e).__name__}: {e}"}
-    from megatron_simreg.losses.simreg import naive_simreg, normalize
+    from megatron_simreg.losses.simreg import normalize
 
     small = dict(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1, num_splits=2, slab_rows=16)
     for table in (simreg_triton.FWD_CONFIG, simreg_triton.BWD_CONFIG):

@@ -14,7 +14,6 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
