@@ -19,6 +19,8 @@ COMMANDS = {
     "demo": ("megatron_simreg.demo", "CPU demo: a tiny GPT trained with and without SimReg, with a report"),
     "train": ("megatron_simreg.train_cmd", "pretrain a GPTModel (Megatron-LM flags, --config YAML)"),
     "env": ("megatron_simreg.env_cmd", "versions, CUDA, TransformerEngine and NVIDIA apex"),
+    "export-hf": ("megatron_simreg.export_hf_cmd", "checkpoint -> Hugging Face (Llama / Mixtral), --verify parity"),
+    "import-hf": ("megatron_simreg.import_hf_cmd", "Hugging Face Llama / Mixtral -> checkpoint for train --load"),
 }
 
 

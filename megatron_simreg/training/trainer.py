@@ -322,8 +322,8 @@ def _maybe_load(args, backend, settings) -> int:
     ckpt.check_compatible(meta["model"], settings, ckpt.iteration_dir(args.load, iteration))
     directory = ckpt.iteration_dir(args.load, iteration)
     backend.read_checkpoint(directory, load_optim=not args.no_load_optim)
-    rng = ckpt.load_rank_file(os.path.join(directory, f"rng_{dist.get_rank():05d}.pt"))
-    ckpt.set_rng_state(rng)
+    if "imported_from" not in meta:  # an import-hf checkpoint has no RNG state: keep this run's seeded one
+        ckpt.set_rng_state(ckpt.load_rank_file(os.path.join(directory, f"rng_{dist.get_rank():05d}.pt")))
     if dist.get_rank() == 0:
         print(f"loaded checkpoint {directory} (iteration {iteration})", flush=True)
     return iteration

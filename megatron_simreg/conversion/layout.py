@@ -1,0 +1,357 @@
+"""The Megatron-core <-> Hugging Face tensor mapping (pure tensor code, no process groups).
+
+"Full" Megatron state dicts here are the PP=1, TP=1 view: the global parameter
+names a ``GPTModel`` with every layer would have, unsharded, and without the
+``_extra_state`` entries. :func:`merge_tp` / :func:`split_tp` convert between
+that view and per-TP-rank shards; :func:`merge_pp` / :func:`split_pp` between
+it and per-stage dicts (local layer numbers).
+
+The details that break conversions:
+
+* Fused QKV (``linear_qkv.weight``, ``(heads + 2 * groups) * head_dim`` rows) is
+  interleaved per query group: ``[q x heads_per_group, k, v]`` for each group
+  (:func:`fuse_qkv` / :func:`split_qkv`); MQA is ``groups == 1``.
+* SwiGLU ``linear_fc1.weight`` is ``cat(gate, up)`` in the full view; each TP
+  rank holds ``cat(gate_r, up_r)`` (partition stride 2).
+* TP shards are concatenated along the dimension their layer splits:
+  column-parallel (QKV, fc1, embedding, output layer) along dim 0,
+  row-parallel (``linear_proj``, ``linear_fc2``) along dim 1. Replicated
+  tensors (norms, router) are taken from rank 0 after checking the ranks
+  agree. Shards are never summed.
+* Layer norms fused into linears under TransformerEngine's spec
+  (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``) are read
+  as ``input_layernorm`` / ``pre_mlp_layernorm``.
+* Vocabulary padding: Megatron's rows beyond the tokenizer's size are dropped
+  on export and zero-filled on import.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional
+
+import torch
+
+
+class ConversionError(RuntimeError):
+    """A model or checkpoint that cannot be converted faithfully; the message names why."""
+
+
+# ----------------------------------------------------------------------------
+# QKV and SwiGLU
+# ----------------------------------------------------------------------------
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
+    """HF ``q_proj``/``k_proj``/``v_proj`` weights -> Megatron's per-group interleaved ``linear_qkv.weight``."""
+    if num_heads % num_groups:
+        raise ConversionError(f"num_attention_heads {num_heads} is not a multiple of num_query_groups {num_groups}")
+    head_dim = q.shape[0] // num_heads
+    if k.shape[0] != num_groups * head_dim or v.shape[0] != num_groups * head_dim:
+        raise ConversionError(f"k/v projections have {k.shape[0]}/{v.shape[0]} rows, expected "
+                              f"{num_groups} groups x head_dim {head_dim}")
+    hidden = q.shape[1:]
+    qg = q.reshape(num_groups, num_heads // num_groups * head_dim, *hidden)
+    kg = k.reshape(num_groups, head_dim, *hidden)
+    vg = v.reshape(num_groups, head_dim, *hidden)
+    return torch.cat([qg, kg, vg], dim=1).reshape(-1, *hidden)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int):
+    """Megatron ``linear_qkv.weight`` -> ``(q, k, v)`` in HF's head order."""
+    if num_heads % num_groups:
+        raise ConversionError(f"num_attention_heads {num_heads} is not a multiple of num_query_groups {num_groups}")
+    per_group = num_heads // num_groups
+    rows = qkv.shape[0]
+    if rows % (num_heads + 2 * num_groups):
+        raise ConversionError(f"linear_qkv has {rows} rows, not a multiple of heads + 2 x groups "
+                              f"= {num_heads + 2 * num_groups}")
+    head_dim = rows // (num_heads + 2 * num_groups)
+    hidden = qkv.shape[1:]
+    g = qkv.reshape(num_groups, (per_group + 2) * head_dim, *hidden)
+    q = g[:, : per_group * head_dim].reshape(num_heads * head_dim, *hidden)
+    k = g[:, per_group * head_dim: (per_group + 1) * head_dim].reshape(num_groups * head_dim, *hidden)
+    v = g[:, (per_group + 1) * head_dim:].reshape(num_groups * head_dim, *hidden)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.cat([gate, up], dim=0)
+
+
+def split_gate_up(fc1: torch.Tensor):
+    if fc1.shape[0] % 2:
+        raise ConversionError(f"SwiGLU linear_fc1 has an odd number of rows ({fc1.shape[0]})")
+    gate, up = torch.chunk(fc1, 2, dim=0)
+    return gate.contiguous(), up.contiguous()
+
+
+# ----------------------------------------------------------------------------
+# tensor parallelism
+# ----------------------------------------------------------------------------
+
+_COLUMN = ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")
+_ROW = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def tp_rule(name: str, swiglu: bool):
+    """``(dim, stride)`` along which ``name`` is TP-sharded, or ``None`` when it is replicated."""
+    if name.endswith(_COLUMN):
+        return 0, (2 if swiglu and name.endswith("linear_fc1.weight") else 1)
+    if name.endswith(_ROW):
+        return 1, 1
+    if name.endswith(".bias"):
+        raise ConversionError(f"{name}: linear biases are not supported (Llama/Mixtral have none)")
+    return None
+
+
+def _chunks(t: torch.Tensor, n: int, dim: int):
+    if t.shape[dim] % n:
+        raise ConversionError(f"cannot split a dimension of size {t.shape[dim]} into {n} equal parts")
+    return torch.chunk(t, n, dim=dim)
+
+
+def merge_tp(shards: List[Dict[str, torch.Tensor]], swiglu: bool) -> Dict[str, torch.Tensor]:
+    """Per-TP-rank state dicts (same keys) -> one unsharded dict. Concatenates, never sums."""
+    if len(shards) == 1:
+        return dict(shards[0])
+    keys = list(shards[0])
+    for r, s in enumerate(shards[1:], 1):
+        if set(s) != set(keys):
+            raise ConversionError(f"TP rank {r} holds different tensors than rank 0: "
+                                  f"{sorted(set(s) ^ set(keys))[:5]}")
+    out = {}
+    for k in keys:
+        rule = tp_rule(k, swiglu)
+        ts = [s[k] for s in shards]
+        if rule is None:
+            for r, t in enumerate(ts[1:], 1):
+                if t.shape != ts[0].shape or not torch.equal(t, ts[0]):
+                    raise ConversionError(f"{k} should be replicated across TP ranks but rank {r} differs from "
+                                          "rank 0")
+            out[k] = ts[0]
+            continue
+        dim, stride = rule
+        per = [_chunks(t, stride, dim) for t in ts]
+        out[k] = torch.cat([per[r][s] for s in range(stride) for r in range(len(ts))], dim=dim)
+    return out
+
+
+def split_tp(full: Dict[str, torch.Tensor], tp: int, swiglu: bool) -> List[Dict[str, torch.Tensor]]:
+    """The inverse of :func:`merge_tp`."""
+    out = [{} for _ in range(tp)]
+    for k, t in full.items():
+        rule = tp_rule(k, swiglu) if tp > 1 else None
+        if rule is None:
+            for r in range(tp):
+                out[r][k] = t.clone()
+            continue
+        dim, stride = rule
+        chunks = _chunks(t, tp * stride, dim)
+        for r in range(tp):
+            out[r][k] = torch.cat(chunks[r::tp], dim=dim).clone()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# pipeline parallelism
+# ----------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def stage_layer_counts(stage_dicts: List[Dict[str, torch.Tensor]]) -> List[int]:
+    counts = []
+    for d in stage_dicts:
+        ids = {int(m.group(1)) for m in map(_LAYER.match, d) if m}
+        if ids and ids != set(range(len(ids))):
+            raise ConversionError(f"a pipeline stage holds layers {sorted(ids)}, expected 0..{len(ids) - 1}")
+        counts.append(len(ids))
+    return counts
+
+
+def merge_pp(stage_dicts: List[Dict[str, torch.Tensor]], tied: bool) -> Dict[str, torch.Tensor]:
+    """Per-stage dicts (local layer numbers) -> global layer numbers. The last stage's copy of a tied
+    output weight is dropped (the first stage's embedding is the original)."""
+    out, offset = {}, 0
+    counts = stage_layer_counts(stage_dicts)
+    last = len(stage_dicts) - 1
+    for p, d in enumerate(stage_dicts):
+        for k, t in d.items():
+            m = _LAYER.match(k)
+            if m:
+                out[f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}"] = t
+            elif k == "output_layer.weight" and tied:
+                continue
+            elif k.startswith("embedding.") and p != 0:
+                continue
+            else:
+                out[k] = t
+        offset += counts[p]
+        if p == last and not tied and "output_layer.weight" not in d:
+            raise ConversionError("the last pipeline stage has no output_layer.weight")
+    return out
+
+
+def split_pp(full: Dict[str, torch.Tensor], pp: int, num_layers: int, tied: bool) -> List[Dict[str, torch.Tensor]]:
+    """The inverse of :func:`merge_pp` (even split, as Megatron's default); with PP > 1 and tied
+    embeddings the last stage gets its own copy of the embedding as ``output_layer.weight``."""
+    if num_layers % pp:
+        raise ConversionError(f"{num_layers} layers cannot be split evenly over {pp} pipeline stages")
+    per = num_layers // pp
+    out = [{} for _ in range(pp)]
+    for k, t in full.items():
+        m = _LAYER.match(k)
+        if m:
+            g = int(m.group(1))
+            out[g // per][f"decoder.layers.{g % per}.{m.group(2)}"] = t
+        elif k.startswith("embedding."):
+            out[0][k] = t
+        else:  # final norm, output layer
+            out[pp - 1][k] = t
+    if tied and pp > 1:
+        out[pp - 1]["output_layer.weight"] = full["embedding.word_embeddings.weight"].clone()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# name normalisation (TE spec, grouped experts)
+# ----------------------------------------------------------------------------
+
+
+def normalize_megatron_names(sd: Dict[str, torch.Tensor], num_experts: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Drop ``_extra_state``; map TE-spec fused norms and TE grouped-GEMM expert names to the local spec's."""
+    out = {}
+    for k, t in sd.items():
+        if k.endswith("_extra_state") or not isinstance(t, torch.Tensor):
+            continue
+        k = k.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
+        k = k.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
+        if k.endswith("layer_norm_bias"):
+            raise ConversionError(f"{k}: a LayerNorm bias; only RMSNorm models can be converted")
+        m = re.match(r"^(.*\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$", k)
+        if m:  # TEGroupedMLP: experts.linear_fc1.weight{e}
+            k = f"{m.group(1)}.local_experts.{m.group(3)}.{m.group(2)}.weight"
+        if re.search(r"\.mlp\.experts\.weight[12]$", k):
+            raise ConversionError(f"{k}: legacy GroupedMLP expert weights (moe_grouped_gemm without TE) are not "
+                                  "supported; save with the local or TE spec")
+        out[k] = t
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Megatron <-> HF
+# ----------------------------------------------------------------------------
+
+
+def check_megatron_supported(sd: Dict[str, torch.Tensor], model: dict) -> None:
+    """Refuse, naming the feature, what Llama/Mixtral cannot express."""
+    problems = []
+    if model.get("normalization", "RMSNorm") != "RMSNorm":
+        problems.append(f"normalization={model['normalization']} (LayerNorm): Llama/Mixtral use RMSNorm")
+    if model.get("position_embedding_type", "rope") != "rope":
+        problems.append(f"position_embedding_type={model['position_embedding_type']} (learned absolute "
+                        "positions): Llama/Mixtral use rotary embeddings")
+    if not model.get("swiglu", False):
+        problems.append("a GELU MLP (trained without --swiglu): Llama/Mixtral use SwiGLU")
+    biases = [k for k in sd if k.endswith(".bias") or k.endswith("layer_norm_bias")]
+    if biases:
+        problems.append(f"biases ({biases[0]} and {len(biases) - 1} more): Llama/Mixtral have no linear biases")
+    qk = [k for k in sd if "q_layernorm" in k or "k_layernorm" in k]
+    if qk:
+        problems.append(f"QK layer norm ({qk[0]}): not part of Llama/Mixtral")
+    if any("shared_expert" in k for k in sd):
+        problems.append("shared experts: not part of Mixtral")
+    if problems:
+        raise ConversionError("cannot convert this checkpoint faithfully:\n  - " + "\n  - ".join(problems))
+
+
+def megatron_to_hf(sd: Dict[str, torch.Tensor], model: dict, vocab_size: int) -> Dict[str, torch.Tensor]:
+    """Full Megatron state dict -> HF Llama/Mixtral state dict (transformers 5 names)."""
+    check_megatron_supported(sd, model)
+    L, heads, groups = model["num_layers"], model["num_attention_heads"], model["num_query_groups"]
+    experts = model.get("num_experts")
+    tied = not model.get("untie_embeddings_and_output_weights", False)
+    used = set()
+
+    def take(k):
+        if k not in sd:
+            raise ConversionError(f"the checkpoint has no {k}; it is partial or not a GPT model of these settings")
+        used.add(k)
+        return sd[k]
+
+    hf = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")[:vocab_size]}
+    for i in range(L):
+        p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        hf[h + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
+        q, k, v = split_qkv(take(p + "self_attention.linear_qkv.weight"), heads, groups)
+        hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"], hf[h + "self_attn.v_proj.weight"] = q, k, v
+        hf[h + "self_attn.o_proj.weight"] = take(p + "self_attention.linear_proj.weight")
+        hf[h + "post_attention_layernorm.weight"] = take(p + "pre_mlp_layernorm.weight")
+        if experts:
+            hf[h + "mlp.gate.weight"] = take(p + "mlp.router.weight")
+            fc1 = [take(f"{p}mlp.experts.local_experts.{e}.linear_fc1.weight") for e in range(experts)]
+            fc2 = [take(f"{p}mlp.experts.local_experts.{e}.linear_fc2.weight") for e in range(experts)]
+            hf[h + "mlp.experts.gate_up_proj"] = torch.stack(fc1)  # [E, 2I, H] = cat(gate, up) per expert
+            hf[h + "mlp.experts.down_proj"] = torch.stack(fc2)  # [E, H, I]
+        else:
+            gate, up = split_gate_up(take(p + "mlp.linear_fc1.weight"))
+            hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"] = gate, up
+            hf[h + "mlp.down_proj.weight"] = take(p + "mlp.linear_fc2.weight")
+    hf["model.norm.weight"] = take("decoder.final_layernorm.weight")
+    if not tied:
+        hf["lm_head.weight"] = take("output_layer.weight")[:vocab_size]
+    left = sorted(set(sd) - used - {"output_layer.weight"})
+    if left:
+        raise ConversionError(f"tensors the conversion does not know (refusing to drop them): {left[:8]}")
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
+def hf_to_megatron(hf: Dict[str, torch.Tensor], model: dict) -> Dict[str, torch.Tensor]:
+    """HF Llama/Mixtral state dict (transformers 5 names) -> full Megatron state dict, vocab padded."""
+    L, heads, groups = model["num_layers"], model["num_attention_heads"], model["num_query_groups"]
+    experts = model.get("num_experts")
+    tied = not model.get("untie_embeddings_and_output_weights", False)
+    padded = model["padded_vocab_size"]
+    used = set()
+
+    def take(k):
+        if k not in hf:
+            raise ConversionError(f"the HF model has no {k}")
+        used.add(k)
+        return hf[k]
+
+    def pad(t):
+        if t.shape[0] > padded:
+            raise ConversionError(f"vocabulary {t.shape[0]} exceeds padded size {padded}")
+        return torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])]) if t.shape[0] < padded else t
+
+    sd = {"embedding.word_embeddings.weight": pad(take("model.embed_tokens.weight"))}
+    for i in range(L):
+        p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = take(h + "input_layernorm.weight")
+        sd[p + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            take(h + "self_attn.q_proj.weight"), take(h + "self_attn.k_proj.weight"),
+            take(h + "self_attn.v_proj.weight"), heads, groups)
+        sd[p + "self_attention.linear_proj.weight"] = take(h + "self_attn.o_proj.weight")
+        sd[p + "pre_mlp_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
+        if experts:
+            sd[p + "mlp.router.weight"] = take(h + "mlp.gate.weight")
+            gu, down = take(h + "mlp.experts.gate_up_proj"), take(h + "mlp.experts.down_proj")
+            if gu.shape[0] != experts or down.shape[0] != experts:
+                raise ConversionError(f"layer {i}: expected {experts} experts, found {gu.shape[0]}")
+            for e in range(experts):
+                sd[f"{p}mlp.experts.local_experts.{e}.linear_fc1.weight"] = gu[e].contiguous()
+                sd[f"{p}mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e].contiguous()
+        else:
+            sd[p + "mlp.linear_fc1.weight"] = fuse_gate_up(take(h + "mlp.gate_proj.weight"),
+                                                           take(h + "mlp.up_proj.weight"))
+            sd[p + "mlp.linear_fc2.weight"] = take(h + "mlp.down_proj.weight")
+    sd["decoder.final_layernorm.weight"] = take("model.norm.weight")
+    if not tied:
+        sd["output_layer.weight"] = pad(take("lm_head.weight"))
+    left = sorted(k for k in set(hf) - used if not (tied and k == "lm_head.weight")
+                  and "rotary_emb" not in k)
+    if left:
+        raise ConversionError(f"HF tensors the conversion does not know (refusing to drop them): {left[:8]}")
+    return {k: v.contiguous() for k, v in sd.items()}

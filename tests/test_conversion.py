@@ -1,0 +1,358 @@
+"""Checkpoint conversion to and from Hugging Face (issue 5): layout unit tests, round trips with parity,
+checkpoints trained by the real trainer (both backends), loading/generating with transformers, lm-eval, refusals."""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_simreg.conversion.layout import (ConversionError, fuse_qkv, megatron_to_hf, merge_pp, merge_tp,
+                                               split_pp, split_qkv, split_tp)
+from megatron_simreg.megatron.init import _shard
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+        "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "2", "--swiglu"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _cmd(module, argv):
+    """Run a conversion command in-process, as the CLI would: returns its exit code."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    p = argparse.ArgumentParser()
+    mod.add_arguments(p)
+    return mod.main(p.parse_args(argv))
+
+
+def export_cmd(*argv):
+    return _cmd("megatron_simreg.export_hf_cmd", list(argv))
+
+
+def import_cmd(*argv):
+    return _cmd("megatron_simreg.import_hf_cmd", list(argv))
+
+
+def cli(*argv, timeout=300):
+    out = subprocess.run([sys.executable, "-m", "megatron_simreg.cli", *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout, env=ENV)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# layout unit tests
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads,groups", [(8, 2), (8, 1), (4, 4)], ids=["gqa", "mqa", "mha"])
+def test_qkv_interleave_per_query_group(heads, groups):
+    d, h = 3, 5
+    q = torch.arange(heads * d * h, dtype=torch.float32).reshape(heads * d, h)
+    k = 1000 + torch.arange(groups * d * h, dtype=torch.float32).reshape(groups * d, h)
+    v = 2000 + torch.arange(groups * d * h, dtype=torch.float32).reshape(groups * d, h)
+    qkv = fuse_qkv(q, k, v, heads, groups)
+    assert qkv.shape == ((heads + 2 * groups) * d, h)
+    per = heads // groups
+    blocks = qkv.reshape(groups, (per + 2) * d, h)
+    for g in range(groups):  # [q x heads_per_group, k, v] for each group
+        assert torch.equal(blocks[g, : per * d], q[g * per * d:(g + 1) * per * d])
+        assert torch.equal(blocks[g, per * d:(per + 1) * d], k[g * d:(g + 1) * d])
+        assert torch.equal(blocks[g, (per + 1) * d:], v[g * d:(g + 1) * d])
+    q2, k2, v2 = split_qkv(qkv, heads, groups)
+    assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
+
+
+def test_tp_merge_concatenates_along_the_layer_axis_and_never_sums():
+    tp = 2
+    full = {
+        "decoder.layers.0.self_attention.linear_qkv.weight": torch.randn(16, 4),
+        "decoder.layers.0.self_attention.linear_proj.weight": torch.randn(4, 8),
+        "decoder.layers.0.mlp.linear_fc1.weight": torch.randn(12, 4),
+        "decoder.layers.0.mlp.linear_fc2.weight": torch.randn(4, 6),
+        "decoder.layers.0.input_layernorm.weight": torch.randn(4),
+        "embedding.word_embeddings.weight": torch.randn(10, 4),
+    }
+    # Megatron's own sharding (init.py, the partition_dim / partition_stride the layers declare)
+    rules = {"linear_qkv": (0, 1), "linear_proj": (1, 1), "linear_fc1": (0, 2), "linear_fc2": (1, 1),
+             "word_embeddings": (0, 1)}
+    shards = [{} for _ in range(tp)]
+    for name, t in full.items():
+        rule = next((r for key, r in rules.items() if key in name), None)
+        for r in range(tp):
+            shards[r][name] = _shard(t, rule[0], rule[1], r, tp) if rule else t.clone()
+    assert split_tp(full, tp, swiglu=True)[1].keys() == shards[1].keys()
+    for r in range(tp):
+        for k in full:
+            assert torch.equal(split_tp(full, tp, swiglu=True)[r][k], shards[r][k]), k
+    merged = merge_tp(shards, swiglu=True)
+    for k in full:
+        assert torch.equal(merged[k], full[k]), k
+        if k.endswith("linear_proj.weight") or k.endswith("linear_fc2.weight"):
+            assert not torch.allclose(merged[k][:, :1], shards[0][k][:, :1] + shards[1][k][:, :1])
+    # SwiGLU: rank r holds cat(gate_r, up_r); the merged fc1 is cat(gate, up)
+    gate, up = full["decoder.layers.0.mlp.linear_fc1.weight"].chunk(2)
+    assert torch.equal(shards[1]["decoder.layers.0.mlp.linear_fc1.weight"], torch.cat([gate[3:], up[3:]]))
+    # replicated tensors must agree across ranks
+    shards[1]["decoder.layers.0.input_layernorm.weight"] = shards[1]["decoder.layers.0.input_layernorm.weight"] + 1
+    with pytest.raises(ConversionError, match="replicated"):
+        merge_tp(shards, swiglu=True)
+
+
+def test_pp_merge_renumbers_layers_and_drops_the_tied_copy():
+    full = {"embedding.word_embeddings.weight": torch.randn(8, 4), "decoder.final_layernorm.weight": torch.ones(4)}
+    for i in range(4):
+        full[f"decoder.layers.{i}.input_layernorm.weight"] = torch.full((4,), float(i))
+    stages = split_pp(full, 2, 4, tied=True)
+    assert set(stages[1]) == {"decoder.layers.0.input_layernorm.weight", "decoder.layers.1.input_layernorm.weight",
+                              "decoder.final_layernorm.weight", "output_layer.weight"}
+    assert float(stages[1]["decoder.layers.1.input_layernorm.weight"][0]) == 3.0
+    merged = merge_pp(stages, tied=True)
+    assert merged.keys() == full.keys() and all(torch.equal(merged[k], full[k]) for k in full)
+
+
+# ----------------------------------------------------------------------------
+# HF -> Megatron (TP=2) -> HF
+# ----------------------------------------------------------------------------
+
+
+def _tiny_hf(kind, path, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = MixtralForCausalLM(MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common))
+    with torch.no_grad():
+        for p in model.parameters():  # random norms too, so a swapped norm shows
+            p.copy_(torch.randn_like(p) * 0.2 if p.dim() > 1 else 1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind,pp", [("llama", 1), ("llama", 2), ("mixtral", 1)],
+                         ids=["llama-gqa-tp2", "llama-gqa-tp2-pp2", "mixtral-tp2"])
+def test_hf_round_trip_identical_logits(tmp_path, kind, pp):
+    from transformers import AutoModelForCausalLM
+
+    src = _tiny_hf(kind, tmp_path / "hf", tie=(pp == 2))
+    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "ck"), "--tensor-model-parallel-size",
+                      "2", "--pipeline-model-parallel-size", str(pp), "--verify") == 0
+    meta = json.load(open(tmp_path / "ck" / "iter_0000000" / "meta.json"))
+    assert len(list((tmp_path / "ck" / "iter_0000000").glob("rank_*.pt"))) == 2 * pp
+    assert meta["model"]["padded_vocab_size"] == 512 and meta["model"]["tensor_model_parallel_size"] == 2
+    assert export_cmd("--load", str(tmp_path / "ck"), "--out", str(tmp_path / "out"), "--verify") == 0
+    cfg = json.load(open(tmp_path / "out" / "config.json"))
+    assert cfg["vocab_size"] == 300 and cfg["num_key_value_heads"] == 2
+    assert cfg["architectures"] == ["MixtralForCausalLM" if kind == "mixtral" else "LlamaForCausalLM"]
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(src(x).logits, back(x).logits)
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_verify_fails_on_a_wrong_mapping(tmp_path, monkeypatch):
+    """--verify is not a rubber stamp: a swapped gate/up gives a non-zero exit."""
+    from megatron_simreg.conversion import layout
+
+    _tiny_hf("llama", tmp_path / "hf")
+    monkeypatch.setattr(layout, "fuse_gate_up", lambda gate, up: torch.cat([up, gate]))
+    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "ck"), "--verify") == 1
+
+
+# ----------------------------------------------------------------------------
+# checkpoints trained by the real trainer
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two tiny 2-iteration runs: Megatron backend (TP=1) and DeepSpeed ZeRO-1 TP=2 + SP."""
+    root = tmp_path_factory.mktemp("trained")
+    cache = str(root / "cache")
+    base = ["train", *TINY, "--train-iters", "2", "--data-cache-path", cache]
+    cli(*base, "--save", str(root / "megatron"))
+    cli(*base, "--save", str(root / "deepspeed"), "--nproc-per-node", "2", "--tensor-model-parallel-size", "2",
+        "--sequence-parallel", "--deepspeed", "--zero-stage", "1")
+    return root
+
+
+@pytest.mark.parametrize("which", ["megatron", "deepspeed"])
+def test_trained_checkpoint_exports_with_parity(trained, which, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert export_cmd("--load", str(trained / which), "--out", str(out), "--verify") == 0
+    assert "OK" in capsys.readouterr().out
+    meta = json.load(open(trained / which / "iter_0000002" / "meta.json"))
+    assert meta["backend"] == which
+    import sentencepiece as spm
+
+    vocab = spm.SentencePieceProcessor(model_file=meta["tokenizer_model"]).vocab_size()
+    assert json.load(open(out / "config.json"))["vocab_size"] == vocab <= meta["model"]["padded_vocab_size"]
+
+
+def test_bf16_export_verifies(trained, tmp_path):
+    assert export_cmd("--load", str(trained / "deepspeed"), "--out", str(tmp_path / "hf"), "--dtype", "bf16",
+                      "--verify") == 0
+    from safetensors import safe_open
+
+    shard = next((tmp_path / "hf").glob("*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported") / "hf"
+    assert export_cmd("--load", str(trained / "megatron"), "--out", str(out)) == 0
+    return out
+
+
+def test_exported_dir_loads_with_auto_classes_and_generates(exported, trained):
+    import sentencepiece as spm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported)
+    model = AutoModelForCausalLM.from_pretrained(exported).eval()
+    sp = spm.SentencePieceProcessor(model_file=str(exported / "tokenizer.model"))
+    texts = ["def main(args):\n    return 0\n", "  import os, sys  # 2024\n\n\tx = 'héllo ✓'", "a  b   c\n"]
+    texts.append(open(os.path.join(os.path.dirname(os.__file__), "functools.py")).read()[:4000])
+    for text in texts:  # the HF tokenizer reproduces sentencepiece exactly
+        assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text[:40]
+        assert tok.decode(sp.encode(text)) == text
+    ids = tok("def ", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 8
+    assert isinstance(tok.decode(gen[0]), str)
+
+
+def test_imported_checkpoint_continues_training(exported, trained, tmp_path):
+    """export -> import-hf at TP=2 -> `train --load --no-load-optim` at TP=2 starts from it."""
+    ck = tmp_path / "ck"
+    assert import_cmd("--hf", str(exported), "--save", str(ck), "--tensor-model-parallel-size", "2") == 0
+    meta = json.load(open(ck / "iter_0000000" / "meta.json"))
+    assert meta["tokenizer_model"] == str(exported / "tokenizer.model")
+    out = cli("train", *TINY, "--train-iters", "1", "--data-cache-path", str(trained / "cache"),
+              "--nproc-per-node", "2", "--tensor-model-parallel-size", "2", "--load", str(ck), "--no-load-optim",
+              "--save", str(tmp_path / "cont"))
+    assert "loaded checkpoint" in out.stdout + out.stderr
+    assert (tmp_path / "cont" / "iter_0000001" / "meta.json").exists()
+
+
+LM_EVAL_TASK = """task: tiny_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_hf_model_accepts_the_export(exported, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval accelerate)")
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (pip install accelerate)")
+    data = tmp_path / "tiny.jsonl"
+    with open(data, "w") as f:
+        for q, choices, a in [("def f(x):\n    return", [" x", " y"], 0), ("import", [" os", " 12"], 0),
+                              ("for i in", [" range(3):", " )"], 0)]:
+            f.write(json.dumps({"question": q, "choices": choices, "answer": a}) + "\n")
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    (task_dir / "tiny_local.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={exported},dtype=float32",
+           "--tasks", "tiny_local", "--include_path", str(task_dir), "--device", "cpu", "--batch_size", "1",
+           "--output_path", str(tmp_path / "res")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "tiny_local" in out.stdout and "acc" in out.stdout
+
+
+# ----------------------------------------------------------------------------
+# refusals
+# ----------------------------------------------------------------------------
+
+
+def _settings(**kw):
+    s = {"num_layers": 1, "hidden_size": 8, "ffn_hidden_size": 16, "num_attention_heads": 2, "num_query_groups": 2,
+         "normalization": "RMSNorm", "swiglu": True, "position_embedding_type": "rope",
+         "untie_embeddings_and_output_weights": False, "num_experts": None}
+    s.update(kw)
+    return s
+
+
+@pytest.mark.parametrize("settings,extra,feature", [
+    (_settings(normalization="LayerNorm"), {}, "LayerNorm"),
+    (_settings(position_embedding_type="learned_absolute"), {}, "learned absolute positions"),
+    (_settings(swiglu=False), {}, "SwiGLU"),
+    (_settings(), {"decoder.layers.0.self_attention.linear_qkv.bias": torch.zeros(24)}, "biases"),
+    (_settings(), {"decoder.layers.0.self_attention.q_layernorm.weight": torch.ones(4)}, "QK layer norm"),
+])
+def test_export_refuses_unsupported_architectures(settings, extra, feature):
+    with pytest.raises(ConversionError, match=feature):
+        megatron_to_hf({"embedding.word_embeddings.weight": torch.zeros(4, 8), **extra}, settings, 4)
+
+
+def test_export_refuses_unknown_tensors():
+    from megatron_simreg.conversion.layout import hf_to_megatron
+
+    hf = _tiny_hf_state()
+    sd = hf_to_megatron(hf, {**_settings(), "padded_vocab_size": 8})
+    sd["decoder.layers.0.mlp.some_new_thing.weight"] = torch.zeros(2)
+    with pytest.raises(ConversionError, match="does not know"):
+        megatron_to_hf(sd, _settings(), 8)
+
+
+def _tiny_hf_state():
+    p = "model.layers.0."
+    return {"model.embed_tokens.weight": torch.zeros(8, 8), "model.norm.weight": torch.ones(8),
+            p + "input_layernorm.weight": torch.ones(8), p + "post_attention_layernorm.weight": torch.ones(8),
+            p + "self_attn.q_proj.weight": torch.zeros(8, 8), p + "self_attn.k_proj.weight": torch.zeros(8, 8),
+            p + "self_attn.v_proj.weight": torch.zeros(8, 8), p + "self_attn.o_proj.weight": torch.zeros(8, 8),
+            p + "mlp.gate_proj.weight": torch.zeros(16, 8), p + "mlp.up_proj.weight": torch.zeros(16, 8),
+            p + "mlp.down_proj.weight": torch.zeros(8, 16)}
+
+
+def test_import_refuses_biases_and_rope_scaling(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, attention_bias=True,
+                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")) == 2
+    err = capsys.readouterr().err
+    assert "biases" in err and "rope scaling" in err
+    assert not (tmp_path / "ck" / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_missing_and_partial_checkpoints_give_clear_errors(tmp_path, capsys, trained):
+    assert export_cmd("--load", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")) == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert export_cmd("--load", str(tmp_path / "empty"), "--out", str(tmp_path / "o")) == 2
+    assert "latest_checkpointed_iteration.txt" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    shutil.copytree(trained / "deepspeed", partial)
+    os.remove(partial / "iter_0000002" / "deepspeed" / "state" / "mp_rank_01_model_states.pt")
+    assert export_cmd("--load", str(partial), "--out", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "mp_rank_01_model_states.pt is missing" in err and "partial" in err
