@@ -21,6 +21,8 @@ COMMANDS = {
     "env": ("megatron_simreg.env_cmd", "versions, CUDA, TransformerEngine and NVIDIA apex"),
     "export-hf": ("megatron_simreg.export_hf_cmd", "checkpoint -> Hugging Face (Llama / Mixtral), --verify parity"),
     "import-hf": ("megatron_simreg.import_hf_cmd", "Hugging Face Llama / Mixtral -> checkpoint for train --load"),
+    "submit": ("megatron_simreg.submit_cmd", "submit train to SLURM: multi-node, preemption-safe auto-resume"),
+    "status": ("megatron_simreg.status_cmd", "a submitted run's SLURM state, last iteration and metrics"),
 }
 
 
