@@ -150,6 +150,10 @@ def test_apply_is_idempotent_reversible_and_refused_on_gpu(monkeypatch):
 
     from megatron_simreg.megatron import cpu_compat
 
+    # Tests that build a Megatron model in this process (conversion --verify) apply the
+    # adaptations; start from Megatron's originals and restore the earlier state at the end.
+    was_applied = cpu_compat.cpu_adaptations_applied()
+    cpu_compat.undo_cpu_adaptations()
     assert not cpu_compat.cpu_adaptations_applied()
     orig_get = tp_random._get_cuda_rng_state
     orig_fork = tp_random.CudaRNGStatesTracker.__dict__["fork"]
@@ -175,11 +179,14 @@ def test_apply_is_idempotent_reversible_and_refused_on_gpu(monkeypatch):
     assert tblock.LayerNormImpl is orig_norm
     assert hasattr(moe_utils, "te_general_gemm") == had_te_gemm
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(RuntimeError, match="CPU-only"):
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        with pytest.raises(RuntimeError, match="CPU-only"):
+            cpu_compat.apply_cpu_adaptations()
+        assert not cpu_compat.cpu_adaptations_applied()
+        assert mappings.torch is torch
+    if was_applied:
         cpu_compat.apply_cpu_adaptations()
-    assert not cpu_compat.cpu_adaptations_applied()
-    assert mappings.torch is torch
 
 
 def test_dense_tp2_sp_matches_tp1():
