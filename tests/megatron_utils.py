@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -22,16 +21,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.multiprocessing as mp
 
+from megatron_simreg.training.launch import free_port
+
 # ----------------------------------------------------------------------------
 # process launching
 # ----------------------------------------------------------------------------
-
-
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        return s.getsockname()[1]
 
 
 def _worker(fn, rank, world_size, port, out_dir, pg_timeout_s, args):
@@ -102,7 +96,7 @@ def run_distributed(
     ``timeout`` seconds.
     """
     ctx = mp.get_context("spawn")
-    port = find_free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="mcore_cpu_") as out_dir:
         procs = []
         for rank in range(world_size):

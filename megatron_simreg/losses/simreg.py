@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SIMREG_IMPLS, check_choice, check_chunk_size, check_temperature
-from .simreg_blockwise import blockwise_simreg
+from .simreg_blockwise import blockwise_simreg, similarity_tile
 
 NORM_EPS = 1e-8
 # At 2048 keys the naive [b, s, s] fp32 tensors start to cost tens of MB per
@@ -122,7 +122,8 @@ def check_inputs(
     if hidden.numel() == 0:
         raise ValueError(f"hidden must be non-empty, got shape {tuple(hidden.shape)} [b, s, h]")
     b, s, _ = hidden.shape
-    if not isinstance(labels, torch.Tensor) or labels.shape != (b, s) or labels.is_floating_point() or labels.dtype == torch.bool:
+    if (not isinstance(labels, torch.Tensor) or labels.shape != (b, s) or labels.is_floating_point()
+            or labels.dtype == torch.bool):
         raise ValueError(
             f"labels must be an integer tensor of shape [b, s] = [{b}, {s}] matching hidden, got "
             + (f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else repr(type(labels)))
@@ -187,11 +188,7 @@ def naive_simreg(
     ``p*`` ``[s*]`` positions in the sequence (self-exclusion and chunks are
     decided by position, so sharded or zigzag layouts work unchanged).
     """
-    sim = zq @ zk.transpose(-1, -2) / temperature
-    allowed = vq[:, :, None] & vk[:, None, :] & (pq[:, None] != pk[None, :])
-    if chunk_size is not None:
-        allowed = allowed & (pq[:, None] // chunk_size == pk[None, :] // chunk_size)
-    positive = allowed & (yq[:, :, None] == yk[:, None, :])
+    sim, allowed, positive = similarity_tile(zq, yq, vq, pq, zk, yk, vk, pk, temperature, chunk_size)
     num_pos = positive.sum(-1)
     anchors = num_pos > 0
     # Rows that are not anchors may have no allowed key at all; give them a

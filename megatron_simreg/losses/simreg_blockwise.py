@@ -35,8 +35,11 @@ def _key_range(q0: int, q1: int, num_keys: int, chunk_size: Optional[int], conti
     return (q0 // chunk_size) * chunk_size, min(num_keys, ((q1 - 1) // chunk_size + 1) * chunk_size)
 
 
-def _tile(zq, yq, vq, pq, zk, yk, vk, pk, temperature, chunk_size):
-    """Similarities ``[b, bq, bk]`` and the allowed / positive masks of one tile."""
+def similarity_tile(zq, yq, vq, pq, zk, yk, vk, pk, temperature, chunk_size):
+    """Similarities ``[b, bq, bk]`` and the allowed / positive masks of one tile.
+
+    The naive reference calls it once with the whole sequence as the tile.
+    """
     sim = (zq / temperature) @ zk.transpose(-1, -2)
     allowed = vq[:, :, None] & vk[:, None, :] & (pq[:, None] != pk[None, :])
     if chunk_size is not None:
@@ -68,7 +71,7 @@ class BlockwiseSimReg(torch.autograd.Function):
         for q0 in range(0, sq, block_size):
             q1 = min(q0 + block_size, sq)
             k0, k1 = _key_range(q0, q1, zk.shape[1], chunk_size, contiguous)
-            sim, allowed, positive = _tile(
+            sim, allowed, positive = similarity_tile(
                 zq[:, q0:q1], yq[:, q0:q1], vq[:, q0:q1], pq[q0:q1],
                 zk[:, k0:k1], yk[:, k0:k1], vk[:, k0:k1], pk[k0:k1], temperature, chunk_size,
             )
@@ -98,7 +101,7 @@ class BlockwiseSimReg(torch.autograd.Function):
         for q0 in range(0, sq, block_size):
             q1 = min(q0 + block_size, sq)
             k0, k1 = _key_range(q0, q1, zk.shape[1], chunk_size, contiguous)
-            sim, allowed, positive = _tile(
+            sim, allowed, positive = similarity_tile(
                 zq[:, q0:q1], yq[:, q0:q1], vq[:, q0:q1], pq[q0:q1],
                 zk[:, k0:k1], yk[:, k0:k1], vk[:, k0:k1], pk[k0:k1], temperature, chunk_size,
             )
