@@ -12,7 +12,8 @@ import sys
 import time
 
 
-def add_arguments(p):
+def add_cluster_arguments(p):
+    """The job's resources and launcher (shared with ``compare --slurm``)."""
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="GPUs per node (0: CPU processes with gloo, for tests and small CPU clusters)")
@@ -26,11 +27,24 @@ def add_arguments(p):
     p.add_argument("--container-mounts", default=None, help="srun --container-mounts (mount the run dir and data)")
     p.add_argument("--launcher", default="torchrun", choices=["torchrun", "deepspeed"])
     p.add_argument("--job-name", default="megatron-simreg")
-    p.add_argument("--run-dir", default=None, help="where the script, logs and checkpoints go "
-                                                    "(default runs/slurm-YYYYmmdd-HHMMSS)")
     p.add_argument("--signal-seconds", type=int, default=300,
                    help="SIGUSR1 this long before the time limit: checkpoint, exit, requeue (default 300)")
     p.add_argument("--rdzv-port", type=int, default=None, help="rendezvous port (default 20000 + job id %% 20000)")
+
+
+CLUSTER_FIELDS = ("nodes", "gpus_per_node", "nproc_per_node", "partition", "time", "account", "qos", "exclusive",
+                  "container_image", "container_mounts", "launcher", "job_name", "signal_seconds", "rdzv_port")
+
+
+def cluster_fields(args) -> dict:
+    """:class:`~megatron_simreg.slurm.script.JobSpec` keyword arguments from :func:`add_cluster_arguments`' flags."""
+    return {k: getattr(args, k) for k in CLUSTER_FIELDS}
+
+
+def add_arguments(p):
+    add_cluster_arguments(p)
+    p.add_argument("--run-dir", default=None, help="where the script, logs and checkpoints go "
+                                                    "(default runs/slurm-YYYYmmdd-HHMMSS)")
     p.add_argument("--array", metavar="GRID", default=None,
                    help="YAML list of runs {name, flags}: a job array, one run per task, each in RUN_DIR/NAME")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; write and submit nothing")
@@ -70,13 +84,8 @@ def main(args) -> int:
             tasks = [sub.make_task(name, train_argv + flags) for name, flags in grid]
         else:
             tasks = [sub.make_task("", train_argv)]
-        spec = JobSpec(run_dir=os.path.abspath(run_dir), tasks=tasks, nodes=args.nodes,
-                       gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
-                       partition=args.partition, time=args.time, account=args.account, qos=args.qos,
-                       exclusive=args.exclusive, container_image=args.container_image,
-                       container_mounts=args.container_mounts, launcher=args.launcher, job_name=args.job_name,
-                       signal_seconds=args.signal_seconds, rdzv_port=args.rdzv_port, env=passthrough_env(),
-                       array=bool(args.array))
+        spec = JobSpec(run_dir=os.path.abspath(run_dir), tasks=tasks, env=passthrough_env(), array=bool(args.array),
+                       **cluster_fields(args))
         spec.validate()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -35,8 +35,12 @@ def tokens_to_target(tokens: Sequence[float], losses: Sequence[float], target: f
     return None
 
 
-def speedup(tokens_method: Optional[float], tokens_baseline: float) -> Optional[float]:
-    """``1 - tokens_method / tokens_baseline``: the paper's "convergence acceleration"."""
-    if tokens_method is None:
+def speedup(tokens_method: Optional[float], tokens_baseline: Optional[float]) -> Optional[float]:
+    """``1 - tokens_method / tokens_baseline``: the paper's "convergence acceleration".
+
+    ``None`` when either side never reached the target, or the baseline reached it at 0 tokens
+    (no ratio to take): there is no speed-up to report, rather than a division by zero.
+    """
+    if tokens_method is None or tokens_baseline is None or tokens_baseline <= 0:
         return None
     return 1.0 - tokens_method / tokens_baseline

@@ -128,14 +128,14 @@ def write(spec: JobSpec) -> str:
         f.write(render(spec))
     os.chmod(path + ".tmp", 0o755)
     os.replace(path + ".tmp", path)
-    _write_info(run_dir, {"job_ids": _read_info(run_dir).get("job_ids", []), "array": spec.array,
+    _write_info(run_dir, {"job_ids": read_info(run_dir).get("job_ids", []), "array": spec.array,
                           "nodes": spec.nodes, "procs_per_node": spec.procs_per_node,
                           "tasks": [{"name": t.name, "train_iters": t.train_iters, "train_argv": t.train_argv}
                                     for t in spec.tasks]})
     return path
 
 
-def _read_info(run_dir: str) -> dict:
+def read_info(run_dir: str) -> dict:
     try:
         with open(os.path.join(run_dir, "job.json")) as f:
             return json.load(f)
@@ -165,7 +165,7 @@ def sbatch(script: str) -> str:
         raise SlurmError(f"sbatch failed: {out.stderr.strip() or out.stdout.strip()}")
     job_id = out.stdout.strip().splitlines()[-1].split(";")[0]
     run_dir = os.path.dirname(os.path.abspath(script))
-    info = _read_info(run_dir)
+    info = read_info(run_dir)
     info["job_ids"] = info.get("job_ids", []) + [job_id]
     _write_info(run_dir, info)
     return job_id
@@ -259,7 +259,7 @@ def status(run_dir: str) -> Tuple[str, bool]:
     run_dir = os.path.abspath(run_dir)
     if not os.path.isdir(run_dir):
         raise ValueError(f"{run_dir}: no such run directory")
-    info = _read_info(run_dir)
+    info = read_info(run_dir)
     job_ids = info.get("job_ids", [])
     tasks = info.get("tasks") or [{"name": "", "train_iters": None}]
     states = job_states(job_ids[-1]) if job_ids else {}

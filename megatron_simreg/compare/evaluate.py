@@ -1,0 +1,81 @@
+"""After a run has trained: its validation curve, HF export, zero-shot accuracy and hidden-state analysis.
+
+Results go to ``OUT/runs/<name>/eval.json``, keyed by the checkpoint iteration and the evaluation
+settings, so a rerun of ``compare`` reuses them and a changed setting recomputes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+
+from ..analysis.convergence import read_metrics, validation_curve
+from .grid import Grid, Run, parse_train
+from .runner import checkpoint_dir, run_dir, state
+
+
+def _settings(grid: Grid) -> dict:
+    return {"zero_shot_tasks": grid.zero_shot_tasks, "zero_shot_limit": grid.zero_shot_limit,
+            "analysis_sequences": grid.analysis_sequences}
+
+
+def validation_tokens(run: Run, n: int) -> torch.Tensor:
+    """``[n, s]`` token ids: the first ``n`` samples of the validation split the trainer evaluates on."""
+    from ..data.datasets import build_gpt_datasets
+    from ..data.default_corpus import prepare_default_corpus
+    from ..data.tokenizer import Tokenizer
+
+    args = parse_train(run.train_argv, f"run {run.name}")
+    cache = args.data_cache_path or os.path.join(os.path.expanduser("~"), ".cache", "megatron_simreg")
+    if args.data_path:
+        data_path, tok_model = args.data_path, args.tokenizer_model
+    else:
+        prefix, tok_model = prepare_default_corpus(cache)
+        data_path = [prefix]
+    _, valid, _ = build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, Tokenizer(tok_model),
+                                     (1, n, None), cache, is_built_on_rank=lambda: True)
+    if valid is None or len(valid) < n:
+        raise ValueError(f"run {run.name}: the validation split has fewer than {n} sequences of {args.seq_length} "
+                         "tokens; lower evaluation: analysis: sequences or give the split more validation documents")
+    return torch.stack([torch.as_tensor(valid[i]["tokens"]) for i in range(n)]).long()
+
+
+def evaluate_run(grid: Grid, out: str, run: Run, device: str = "cpu", log=print) -> Optional[Dict]:
+    """``eval.json``'s content for a finished run (computed once); ``None`` while the run is unfinished."""
+    st, iteration = state(out, run)
+    if st != "finished":
+        return None
+    path = os.path.join(run_dir(out, run), "eval.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("iteration") == iteration and cached.get("settings") == _settings(grid):
+            return cached
+    tokens, losses = validation_curve(read_metrics(os.path.join(checkpoint_dir(out, run), "metrics.jsonl")))
+    result = {"iteration": iteration, "settings": _settings(grid), "tokens": tokens, "val_loss": losses}
+    if grid.zero_shot_tasks or grid.analysis_sequences:
+        hf_dir = os.path.join(run_dir(out, run), "hf")
+        from ..conversion.export import export_hf
+
+        log(f"{run.name}: exporting to {hf_dir}")
+        export_hf(checkpoint_dir(out, run), hf_dir, iteration=iteration, log=lambda *_: None)
+        if grid.zero_shot_tasks:
+            from ..analysis.zero_shot import evaluate_zero_shot
+
+            log(f"{run.name}: zero-shot {', '.join(grid.zero_shot_tasks)}")
+            result["zero_shot"] = evaluate_zero_shot(hf_dir, grid.zero_shot_tasks, limit=grid.zero_shot_limit,
+                                                     batch_size=grid.zero_shot_batch_size, device=device,
+                                                     work_dir=run_dir(out, run))
+        if grid.analysis_sequences:
+            from ..analysis.hf_probe import analyze, load_causal_lm
+
+            log(f"{run.name}: representation and layer analysis on {grid.analysis_sequences} validation sequences")
+            model, _ = load_causal_lm(hf_dir, device=device)
+            result["analysis"] = analyze(model, validation_tokens(run, grid.analysis_sequences).to(device))
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+    return result

@@ -1,0 +1,249 @@
+"""A comparison grid: models x methods x seeds, read from YAML and checked before anything runs.
+
+::
+
+    train:          # trainer flags shared by every run (Megatron-LM names; `config: FILE` allowed)
+      config: examples/configs/demo_cpu.yaml
+    data:           # the same data for every run, and the token budget
+      tokens: 400000            # per run; sets --train-iters (or give train-iters)
+      data-path: null           # default: the package's default corpus (stdlib source, built once)
+    models:         # name -> trainer flags
+      dense: {}
+      moe: {num-experts: 4, moe-router-topk: 2}
+    methods:        # name -> trainer flags; `baseline` is required and is what the others are measured against
+      baseline: {}
+      simreg: {simreg-weight: 0.1}
+      jreg: {jreg-weight: 3.0}
+      simreg+jreg: {simreg-weight: 0.1, jreg-weight: 3.0}
+    seeds: [1, 2, 3]
+    evaluation:
+      zero-shot: {tasks: [pycode_next_line], limit: null, batch-size: 8}
+      analysis: {sequences: 8}  # validation sequences for the representation and layer-jump analysis
+
+Every run of one model and seed gets the same flags except its method's, the same ``--seed`` (hence the
+same initial weights, by :mod:`megatron_simreg.megatron.init`) and the same data order, so differences
+between methods come from the method. Methods that do not set ``simreg-weight`` / ``jreg-weight`` get 0:
+a model config that enables a regularizer cannot leak into the baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+TOP_KEYS = {"train", "data", "models", "methods", "seeds", "evaluation"}
+DATA_KEYS = {"tokens", "train-iters", "data-path", "tokenizer-model", "split", "data-cache-path"}
+EVAL_KEYS = {"zero-shot", "analysis"}
+ZERO_SHOT_KEYS = {"tasks", "limit", "batch-size"}
+ANALYSIS_KEYS = {"sequences"}
+# Set by compare itself (run directory, seed, budget) or by `data:` (shared by every run).
+RESERVED = {"save", "load", "seed", "fresh-start", "exit-interval", "tensorboard-dir", "train-iters", "nproc-per-node",
+            "data-path", "tokenizer-model", "split", "data-cache-path"}
+REGULARIZER_WEIGHTS = ("simreg-weight", "jreg-weight")
+_NAME = re.compile(r"^[A-Za-z0-9_+-]+$")  # run names are "<model>.<method>.s<seed>", so no dots
+
+
+class GridError(ValueError):
+    pass
+
+
+@dataclass
+class Run:
+    """One training run of the grid."""
+
+    name: str  # "<model>.<method>.s<seed>": the directory under OUT/runs
+    model: str
+    method: str
+    seed: int
+    train_argv: List[str]  # everything but --save/--load, which depend on where it runs
+    train_iters: int
+    tokens_per_iter: int
+
+
+@dataclass
+class Grid:
+    path: str
+    models: Dict[str, List[str]]
+    methods: Dict[str, List[str]]
+    seeds: List[int]
+    runs: List[Run]
+    zero_shot_tasks: List[str] = field(default_factory=list)
+    zero_shot_limit: Optional[int] = None
+    zero_shot_batch_size: int = 8
+    analysis_sequences: int = 8
+    data: Dict[str, object] = field(default_factory=dict)
+
+    def run(self, model: str, method: str, seed: int) -> Run:
+        return next(r for r in self.runs if (r.model, r.method, r.seed) == (model, method, seed))
+
+
+def mapping_to_argv(value, where: str) -> List[str]:
+    """Trainer flags from a mapping ``{flag-name: value}`` (``true`` -> bare flag, ``false``/``null`` -> omitted)."""
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise GridError(f"{where}: expected a mapping of trainer flag names to values, e.g. {{num-layers: 4}}, "
+                        f"got {type(value).__name__}")
+    out = []
+    for k, v in value.items():
+        flag = "--" + str(k).lstrip("-")
+        if v is True:
+            out.append(flag)
+        elif v is False or v is None:
+            continue
+        elif isinstance(v, list):
+            out += [flag, *map(str, v)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def _keys(value: dict) -> set:
+    return {str(k).lstrip("-") for k in (value or {})}
+
+
+def _check_mapping(value, where: str, allowed: Optional[set] = None) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise GridError(f"{where}: expected a mapping, got {type(value).__name__}")
+    if allowed is not None:
+        unknown = _keys(value) - allowed
+        if unknown:
+            raise GridError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+    return {str(k).lstrip("-"): v for k, v in value.items()}
+
+
+def _check_flags(value, where: str) -> dict:
+    value = _check_mapping(value, where)
+    clash = set(value) & RESERVED
+    if clash:
+        raise GridError(f"{where}: {sorted(clash)} are set by compare (seeds: `seeds:`; budget and data: `data:`; "
+                        "run directories: --out; processes: compare --nproc-per-node or the SLURM options); "
+                        "remove them here")
+    return value
+
+
+def _names(value, where: str) -> dict:
+    value = _check_mapping(value, where)
+    if not value:
+        raise GridError(f"{where}: name at least one (a mapping name -> trainer flags)")
+    for name in value:
+        if not _NAME.match(name):
+            raise GridError(f"{where}: name {name!r} may only use letters, digits, '_', '-' and '+'")
+    return value
+
+
+def parse_train(argv: List[str], where: str):
+    """The trainer's own parser and checks on ``argv``; its error becomes a :class:`GridError` naming ``where``."""
+    from ..training.args import parse_train_args
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parse_train_args(argv)
+    except SystemExit:
+        msg = err.getvalue().strip().splitlines()
+        raise GridError(f"{where}: the trainer rejects these flags: {msg[-1] if msg else 'invalid flags'}") from None
+
+
+def load_grid(path: str) -> Grid:
+    """Read and check ``path``; every run's flags go through the trainer's parser now, not after an hour of runs."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise GridError(f"--grid {path}: no such file")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise GridError(f"--grid {path}: not valid YAML: {e}") from None
+    raw = _check_mapping(raw, f"--grid {path}", TOP_KEYS)
+    where = f"--grid {path}"
+    train = _check_flags(raw.get("train"), f"{where}: train")
+    if "config" in train:  # relative to the grid file, like an include
+        cfg = str(train["config"])
+        train["config"] = cfg if os.path.isabs(cfg) or os.path.isfile(cfg) else os.path.join(
+            os.path.dirname(os.path.abspath(path)), cfg)
+    data = _check_mapping(raw.get("data"), f"{where}: data", DATA_KEYS)
+    if ("tokens" in data) == ("train-iters" in data):
+        raise GridError(f"{where}: data: give the budget as exactly one of `tokens` (per run) or `train-iters`")
+    models = _names(raw.get("models"), f"{where}: models")
+    methods = _names(raw.get("methods"), f"{where}: methods")
+    if "baseline" not in methods:
+        raise GridError(f"{where}: methods: a method named `baseline` is required (the reference for "
+                        "tokens-to-target and speed-up), e.g. `baseline: {{}}`")
+    models = {k: _check_flags(v, f"{where}: models: {k}") for k, v in models.items()}
+    methods = {k: _check_flags(v, f"{where}: methods: {k}") for k, v in methods.items()}
+    base = methods["baseline"]
+    if any(float(base.get(w) or 0) != 0 for w in REGULARIZER_WEIGHTS):
+        raise GridError(f"{where}: methods: baseline sets {[w for w in REGULARIZER_WEIGHTS if base.get(w)]}; the "
+                        "baseline trains without SimReg and JREG")
+    seeds = raw.get("seeds", [1234])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise GridError(f"{where}: seeds: expected a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise GridError(f"{where}: seeds: {seeds} repeats a seed")
+
+    ev = _check_mapping(raw.get("evaluation"), f"{where}: evaluation", EVAL_KEYS)
+    zs = _check_mapping(ev.get("zero-shot"), f"{where}: evaluation: zero-shot", ZERO_SHOT_KEYS)
+    an = _check_mapping(ev.get("analysis"), f"{where}: evaluation: analysis", ANALYSIS_KEYS)
+    tasks = zs.get("tasks") or []
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise GridError(f"{where}: evaluation: zero-shot: tasks must be a list of lm-eval task names")
+    grid = Grid(path=os.path.abspath(path), models={k: mapping_to_argv(v, k) for k, v in models.items()},
+                methods={k: mapping_to_argv(v, k) for k, v in methods.items()}, seeds=list(seeds), runs=[],
+                zero_shot_tasks=tasks, zero_shot_limit=_positive(zs.get("limit"), f"{where}: zero-shot: limit", True),
+                zero_shot_batch_size=_positive(zs.get("batch-size", 8), f"{where}: zero-shot: batch-size"),
+                analysis_sequences=_positive(an.get("sequences", 8), f"{where}: analysis: sequences", zero=True),
+                data=data)
+    train_argv = mapping_to_argv(train, f"{where}: train")
+    data_argv = mapping_to_argv({k: v for k, v in data.items() if k not in ("tokens", "train-iters")}, "data")
+    # Seed-major order: after each seed the grid holds a complete comparison, if it stops there.
+    for seed in seeds:
+        for model, model_argv in grid.models.items():
+            for method, method_argv in grid.methods.items():
+                weights = [a for w in REGULARIZER_WEIGHTS if w not in methods[method] for a in ("--" + w, "0")]
+                argv = train_argv + data_argv + model_argv + method_argv + weights + ["--seed", str(seed)]
+                grid.runs.append(_make_run(model, method, seed, argv, data, where))
+    return grid
+
+
+def _make_run(model: str, method: str, seed: int, argv: List[str], data: dict, where: str) -> Run:
+    name = f"{model}.{method}.s{seed}"
+    where = f"{where}: run {name}"
+    # A token budget needs the batch shape first: parse once with a stand-in iteration count.
+    args = parse_train(argv + ["--train-iters", str(data.get("train-iters", 10 ** 9))], where)
+    if not args.eval_interval:
+        raise GridError(f"{where}: no eval-interval, so no validation curve to compare; set `eval-interval` under "
+                        "train:")
+    if not args.global_batch_size:
+        # Otherwise the batch, hence the tokens per iteration, would change with the number of processes.
+        raise GridError(f"{where}: set `global-batch-size` under train: (or the model), so every run sees the "
+                        "same tokens per iteration wherever it runs")
+    split = [float(x) for x in re.split(r"[,/]", args.split)]
+    if len(split) < 2 or split[1] <= 0:
+        raise GridError(f"{where}: split {args.split!r} leaves no validation documents; use e.g. 969,30,1")
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    iters = int(data["train-iters"]) if "train-iters" in data else math.ceil(int(data["tokens"]) / tokens_per_iter)
+    if iters < 1:
+        raise GridError(f"{where}: the budget gives {iters} iterations; raise it")
+    argv = argv + ["--train-iters", str(iters)]
+    parse_train(argv, where)  # the rules that involve the iteration count
+    return Run(name=name, model=model, method=method, seed=seed, train_argv=argv, train_iters=iters,
+               tokens_per_iter=tokens_per_iter)
+
+
+def _positive(value, where: str, none_ok: bool = False, zero: bool = False):
+    if value is None and none_ok:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero else 1):
+        raise GridError(f"{where}: expected an integer >= {0 if zero else 1}" + (" or null" if none_ok else "")
+                        + f", got {value!r}")
+    return value

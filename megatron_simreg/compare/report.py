@@ -1,0 +1,160 @@
+"""``OUT/report.md`` (tables, embedded PNG plots) and ``OUT/results.json`` (the same numbers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, List, Optional
+
+from .grid import Grid
+from .summary import __doc__ as DEFINITIONS
+
+
+def _ms(s: Optional[dict], fmt: str = "{:.4f}", pct: bool = False) -> str:
+    """``mean ± std`` (or ``mean`` with one seed, ``–`` with none)."""
+    if not s or s.get("mean") is None:
+        return "–"
+    k, unit = (100.0, "%") if pct else (1.0, "")
+    text = fmt.format(k * s["mean"]) + unit
+    if s.get("std") is not None:
+        text += " ± " + fmt.replace("+", "").format(k * s["std"]) + unit
+    return text
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header)))
+            + "|", *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def write_results(out: str, grid: Grid, runs: Dict[str, dict], summary: dict, missing: List[str]) -> str:
+    path = os.path.join(out, "results.json")
+    data = {"grid": grid.path, "seeds": grid.seeds, "models": list(grid.models), "methods": list(grid.methods),
+            "unfinished_runs": missing, "runs": runs, "summary": summary}
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_report(out: str, grid: Grid, summary: dict, missing: List[str]) -> str:
+    lines = ["# Comparison report", "", f"Grid: `{grid.path}`; seeds {grid.seeds}; "
+             f"{len(grid.runs) - len(missing)} of {len(grid.runs)} runs finished.", ""]
+    if missing:
+        lines += [f"**Unfinished runs, left out below:** {', '.join(missing)}.", ""]
+    lines += ["## Convergence", ""]
+    rows = []
+    for model, methods in summary.items():
+        for method, agg in methods.items():
+            reached = (f"{agg['reached']}/{len(agg['seeds'])}" if "reached" in agg else "–")
+            rows.append([model, method, str(len(agg["seeds"])), _ms(agg["final_val_loss"]),
+                         _ms(agg.get("tokens_to_target"), "{:,.0f}"), reached,
+                         "–" if method == "baseline" else _ms(agg.get("speedup"), "{:+.1f}", pct=True)])
+    lines += _table(["model", "method", "seeds", "final val loss", "tokens to target", "reached", "speed-up"], rows)
+    for model in summary:
+        lines += [f"![validation loss, {model}](val_loss_{model}.png)", ""]
+
+    tasks = next((list(a["zero_shot"]) for m in summary.values() for a in m.values() if "zero_shot" in a), None)
+    if tasks:
+        lines += ["## Zero-shot accuracy (lm-evaluation-harness)", ""]
+        rows = [[model, method, *(_ms(agg["zero_shot"][t], "{:.1f}", pct=True) for t in tasks),
+                 _ms(agg["zero_shot_avg"], "{:.1f}", pct=True)]
+                for model, methods in summary.items() for method, agg in methods.items() if "zero_shot" in agg]
+        lines += _table(["model", "method", *tasks, "average"], rows)
+        if grid.zero_shot_limit:
+            lines += [f"Each task limited to its first {grid.zero_shot_limit} examples.", ""]
+
+    analysed = [(model, method, agg["analysis"]) for model, methods in summary.items()
+                for method, agg in methods.items() if "analysis" in agg]
+    if analysed:
+        lines += ["## Representations (SimReg paper)", "",
+                  f"Final hidden states (after the final norm) of {grid.analysis_sequences} validation sequences "
+                  "per run: mean cosine similarity of token pairs in one sequence with the same next-token label "
+                  "(intra) and with different labels (inter); classification margin = logit of the true next token "
+                  "minus the best other logit.", ""]
+        rows = [[model, method, _ms(a["intra_cos"]), _ms(a["inter_cos"]), _ms(a["inter_intra_gap"]),
+                 _ms(a["margin_mean"], "{:.3f}"), _ms(a["margin_frac_positive"], "{:.1f}", pct=True)]
+                for model, method, a in analysed]
+        lines += _table(["model", "method", "intra cos", "inter cos", "intra − inter", "mean margin",
+                         "margin > 0"], rows)
+        lines += [f"![margins, {m}](margins_{m}.png)" for m in summary] + [""]
+        lines += ["## Layer jumps (JREG paper)", "",
+                  "Angular distance `arccos(cos(h_(l-1), h_l)) / pi` between consecutive decoder states (layer "
+                  "inputs/outputs before the final norm), averaged over tokens; jump strength = last layer's "
+                  "distance / mean of the earlier ones.", ""]
+        rows = [[model, method, _ms(a["layer_distances"][-1]), _ms(a["jump_strength"], "{:.2f}")]
+                for model, method, a in analysed]
+        lines += _table(["model", "method", "last-layer distance", "jump strength"], rows)
+        lines += [f"![layer distances, {m}](layer_distance_{m}.png)" for m in summary] + [""]
+    definitions = re.sub(r":func:`~?([\w.]+)`", r"`\1`", DEFINITIONS.split("Definitions:", 1)[1]).replace("``", "`")
+    lines += ["## Definitions", "", definitions.strip(), "",
+              "All numbers are in `results.json`; each run's flags are in `runs/<name>/run.json`.", ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def write_plots(out: str, summary: dict) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for model, methods in summary.items():
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        base = methods.get("baseline")
+        for i, (method, agg) in enumerate(methods.items()):
+            c = agg["curve"]
+            label = method
+            if method != "baseline" and agg.get("speedup", {}).get("mean") is not None:
+                label += f" (speed-up {_ms(agg['speedup'], '{:+.1f}', pct=True)})"
+            ax.plot(c["tokens"], c["mean"], marker="o", markersize=2.5, color=f"C{i}", label=label)
+            if c["std"]:
+                lo = [m - s for m, s in zip(c["mean"], c["std"])]
+                hi = [m + s for m, s in zip(c["mean"], c["std"])]
+                ax.fill_between(c["tokens"], lo, hi, color=f"C{i}", alpha=0.2, linewidth=0)
+            t = agg.get("tokens_to_target", {}).get("mean")
+            if t is not None and method != "baseline":
+                ax.axvline(t, color=f"C{i}", linestyle="--", linewidth=1)
+        if base:
+            ax.axhline(base["final_val_loss"]["mean"], color="gray", linestyle=":", linewidth=1,
+                       label="baseline final (target)")
+        ax.set(xlabel="tokens", ylabel="validation loss", title=f"{model}: validation loss (mean ± std over seeds)")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out, f"val_loss_{model}.png"))
+
+        analysed = {m: a["analysis"] for m, a in methods.items() if "analysis" in a}
+        if not analysed:
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for i, (method, an) in enumerate(analysed.items()):
+            d = an["layer_distances"]
+            ax.errorbar(range(1, len(d) + 1), [x["mean"] for x in d], yerr=[x["std"] or 0.0 for x in d],
+                        marker="o", capsize=3, label=method)
+        ax.set(xlabel="layer l", ylabel="angular distance d_l", title=f"{model}: per-layer angular distance")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out, f"layer_distance_{model}.png"))
+
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for i, (method, an) in enumerate(analysed.items()):
+            h = an["margin_hist"]
+            total = max(1, sum(h["counts"]))
+            ax.stairs([c / total for c in h["counts"]], h["edges"], label=method, linewidth=1.5)
+        ax.axvline(0.0, color="gray", linestyle=":", linewidth=1)
+        ax.set(xlabel="margin (true logit − best other)", ylabel="fraction of tokens",
+               title=f"{model}: classification margins")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out, f"margins_{model}.png"))
+    return paths
+
+
+def _save(fig, out: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
