@@ -23,6 +23,7 @@ COMMANDS = {
     "import-hf": ("megatron_simreg.import_hf_cmd", "Hugging Face Llama / Mixtral -> checkpoint for train --load"),
     "submit": ("megatron_simreg.submit_cmd", "submit train to SLURM: multi-node, preemption-safe auto-resume"),
     "status": ("megatron_simreg.status_cmd", "a submitted run's SLURM state, last iteration and metrics"),
+    "jump-strength": ("megatron_simreg.jump_strength_cmd", "HF causal LM: layer angular distances, JREG jump strength"),
 }
 
 
