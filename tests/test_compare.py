@@ -219,3 +219,12 @@ def test_slurm_dry_run_is_one_job_array(tmp_path):
     assert "#SBATCH --array=0-3" in out.stdout and "#SBATCH --nodes=2" in out.stdout
     for name in ("dense.baseline.s1", "dense.simreg.s2"):
         assert name in out.stdout
+
+
+def test_example_grids_are_valid():
+    tiny = load_grid(os.path.join(ROOT, "examples", "compare_tiny.yaml"))
+    assert len(tiny.runs) == 2 * 4 * 2 and tiny.zero_shot_tasks
+    gpu = load_grid(os.path.join(ROOT, "examples", "compare_dense_moe_gpu.yaml"))
+    assert {r.model for r in gpu.runs} == {"gpt-125m", "gpt-350m", "gpt-1p3b", "moe-8x"} and len(gpu.runs) == 48
+    # per-model budgets: 2.5 B tokens of 256 x 2048 per iteration
+    assert gpu.run("gpt-125m", "simreg", 3).train_iters == math.ceil(2.5e9 / (256 * 2048))

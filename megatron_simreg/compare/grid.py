@@ -7,7 +7,7 @@
     data:           # the same data for every run, and the token budget
       tokens: 400000            # per run; sets --train-iters (or give train-iters)
       data-path: null           # default: the package's default corpus (stdlib source, built once)
-    models:         # name -> trainer flags
+    models:         # name -> trainer flags (`config: FILE` replaces train's; `tokens`/`train-iters`: its own budget)
       dense: {}
       moe: {num-experts: 4, moe-router-topk: 2}
     methods:        # name -> trainer flags; `baseline` is required and is what the others are measured against
@@ -20,7 +20,8 @@
       zero-shot: {tasks: [pycode_next_line], limit: null, batch-size: 8}
       analysis: {sequences: 8}  # validation sequences for the representation and layer-jump analysis
 
-Every run of one model and seed gets the same flags except its method's, the same ``--seed`` (hence the
+Explicit flags (``train:``, ``models:``, ``methods:``, later ones winning) override a config file's
+values. Every run of one model and seed gets the same flags except its method's, the same ``--seed`` (hence the
 same initial weights, by :mod:`megatron_simreg.megatron.init`) and the same data order, so differences
 between methods come from the method. Methods that do not set ``simreg-weight`` / ``jreg-weight`` get 0:
 a model config that enables a regularizer cannot leak into the baseline.
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 TOP_KEYS = {"train", "data", "models", "methods", "seeds", "evaluation"}
+BUDGET_KEYS = ("tokens", "train-iters")
 DATA_KEYS = {"tokens", "train-iters", "data-path", "tokenizer-model", "split", "data-cache-path"}
 EVAL_KEYS = {"zero-shot", "analysis"}
 ZERO_SHOT_KEYS = {"tasks", "limit", "batch-size"}
@@ -165,20 +167,21 @@ def load_grid(path: str) -> Grid:
             raise GridError(f"--grid {path}: not valid YAML: {e}") from None
     raw = _check_mapping(raw, f"--grid {path}", TOP_KEYS)
     where = f"--grid {path}"
-    train = _check_flags(raw.get("train"), f"{where}: train")
-    if "config" in train:  # relative to the grid file, like an include
-        cfg = str(train["config"])
-        train["config"] = cfg if os.path.isabs(cfg) or os.path.isfile(cfg) else os.path.join(
-            os.path.dirname(os.path.abspath(path)), cfg)
+    train = _resolve_config(_check_flags(raw.get("train"), f"{where}: train"), path)
     data = _check_mapping(raw.get("data"), f"{where}: data", DATA_KEYS)
-    if ("tokens" in data) == ("train-iters" in data):
-        raise GridError(f"{where}: data: give the budget as exactly one of `tokens` (per run) or `train-iters`")
     models = _names(raw.get("models"), f"{where}: models")
     methods = _names(raw.get("methods"), f"{where}: methods")
     if "baseline" not in methods:
         raise GridError(f"{where}: methods: a method named `baseline` is required (the reference for "
                         "tokens-to-target and speed-up), e.g. `baseline: {{}}`")
-    models = {k: _check_flags(v, f"{where}: models: {k}") for k, v in models.items()}
+    budgets = {}
+    for k, v in models.items():  # a model may carry its own budget (scales differ); it is not a trainer flag
+        v = dict(_check_mapping(v, f"{where}: models: {k}"))
+        budgets[k] = {b: v.pop(b) for b in BUDGET_KEYS if b in v} or {b: data[b] for b in BUDGET_KEYS if b in data}
+        if len(budgets[k]) != 1:
+            raise GridError(f"{where}: models: {k}: give the budget as exactly one of `tokens` (per run) or "
+                            "`train-iters`, under data: (every model) or under the model")
+        models[k] = _resolve_config(_check_flags(v, f"{where}: models: {k}"), path)
     methods = {k: _check_flags(v, f"{where}: methods: {k}") for k, v in methods.items()}
     base = methods["baseline"]
     if any(float(base.get(w) or 0) != 0 for w in REGULARIZER_WEIGHTS):
@@ -204,22 +207,23 @@ def load_grid(path: str) -> Grid:
                 analysis_sequences=_positive(an.get("sequences", 8), f"{where}: analysis: sequences", zero=True),
                 data=data)
     train_argv = mapping_to_argv(train, f"{where}: train")
-    data_argv = mapping_to_argv({k: v for k, v in data.items() if k not in ("tokens", "train-iters")}, "data")
+    data_argv = mapping_to_argv({k: v for k, v in data.items() if k not in BUDGET_KEYS}, "data")
     # Seed-major order: after each seed the grid holds a complete comparison, if it stops there.
     for seed in seeds:
         for model, model_argv in grid.models.items():
             for method, method_argv in grid.methods.items():
                 weights = [a for w in REGULARIZER_WEIGHTS if w not in methods[method] for a in ("--" + w, "0")]
                 argv = train_argv + data_argv + model_argv + method_argv + weights + ["--seed", str(seed)]
-                grid.runs.append(_make_run(model, method, seed, argv, data, where))
+                grid.runs.append(_make_run(model, method, seed, argv, budgets[model], where))
     return grid
 
 
-def _make_run(model: str, method: str, seed: int, argv: List[str], data: dict, where: str) -> Run:
+def _make_run(model: str, method: str, seed: int, argv: List[str], budget: dict, where: str) -> Run:
     name = f"{model}.{method}.s{seed}"
     where = f"{where}: run {name}"
+    save = ["--save", f"OUT/runs/{name}/checkpoints"]  # a stand-in, so rules like "--save-interval needs --save" hold
     # A token budget needs the batch shape first: parse once with a stand-in iteration count.
-    args = parse_train(argv + ["--train-iters", str(data.get("train-iters", 10 ** 9))], where)
+    args = parse_train(argv + save + ["--train-iters", str(budget.get("train-iters", 10 ** 9))], where)
     if not args.eval_interval:
         raise GridError(f"{where}: no eval-interval, so no validation curve to compare; set `eval-interval` under "
                         "train:")
@@ -231,13 +235,22 @@ def _make_run(model: str, method: str, seed: int, argv: List[str], data: dict, w
     if len(split) < 2 or split[1] <= 0:
         raise GridError(f"{where}: split {args.split!r} leaves no validation documents; use e.g. 969,30,1")
     tokens_per_iter = args.global_batch_size * args.seq_length
-    iters = int(data["train-iters"]) if "train-iters" in data else math.ceil(int(data["tokens"]) / tokens_per_iter)
+    iters = (int(budget["train-iters"]) if "train-iters" in budget
+             else math.ceil(int(budget["tokens"]) / tokens_per_iter))
     if iters < 1:
         raise GridError(f"{where}: the budget gives {iters} iterations; raise it")
     argv = argv + ["--train-iters", str(iters)]
-    parse_train(argv, where)  # the rules that involve the iteration count
+    parse_train(argv + save, where)  # the rules that involve the iteration count
     return Run(name=name, model=model, method=method, seed=seed, train_argv=argv, train_iters=iters,
                tokens_per_iter=tokens_per_iter)
+
+
+def _resolve_config(flags: dict, grid_path: str) -> dict:
+    """A ``config`` path that does not exist as given is taken relative to the grid file, like an include."""
+    cfg = flags.get("config")
+    if cfg and not os.path.isabs(str(cfg)) and not os.path.isfile(str(cfg)):
+        flags["config"] = os.path.join(os.path.dirname(os.path.abspath(grid_path)), str(cfg))
+    return flags
 
 
 def _positive(value, where: str, none_ok: bool = False, zero: bool = False):
