@@ -23,6 +23,8 @@ COMMANDS = {
     "import-hf": ("megatron_simreg.import_hf_cmd", "Hugging Face Llama / Mixtral -> checkpoint for train --load"),
     "submit": ("megatron_simreg.submit_cmd", "submit train to SLURM: multi-node, preemption-safe auto-resume"),
     "status": ("megatron_simreg.status_cmd", "a submitted run's SLURM state, last iteration and metrics"),
+    "compare": ("megatron_simreg.compare_cmd", "baseline vs SimReg vs JREG over models and seeds: runs, evaluation, "
+                "report"),
     "jump-strength": ("megatron_simreg.jump_strength_cmd", "HF causal LM: layer angular distances, JREG jump strength"),
 }
 

@@ -87,7 +87,8 @@ def summarize(grid: Grid, runs: Dict[str, dict]) -> Dict[str, Dict[str, dict]]:
 def _analysis(rows: List[dict]) -> dict:
     an = [r["analysis"] for r in rows]
     out = {k: mean_std([a.get(k) for a in an]) for k in ANALYSIS_SCALARS}
-    out["inter_intra_gap"] = mean_std([a["intra_cos"] - a["inter_cos"] for a in an])
+    out["inter_intra_gap"] = mean_std([None if a.get("intra_cos") is None or a.get("inter_cos") is None
+                                       else a["intra_cos"] - a["inter_cos"] for a in an])
     layers = [a["layer_distances"] for a in an]
     out["layer_distances"] = [mean_std([d[i] for d in layers]) for i in range(len(layers[0]))]
     hists = [a["margin_hist"] for a in an]
