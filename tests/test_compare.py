@@ -91,7 +91,7 @@ def test_missing_or_non_yaml_grid(tmp_path):
 def _analysis(intra, jump):
     return {"layer_distances": [0.1, 0.1 * jump], "jump_strength": jump, "intra_cos": intra, "inter_cos": 0.1,
             "margin_mean": -1.0, "margin_median": -1.0, "margin_frac_positive": 0.25,
-            "margin_hist": {"edges": [-2.0, 0.0, 2.0], "counts": [3, 1]}}
+            "margin_hist": {"edges": [-2.0, 0.0, 2.0], "counts": [0, 3, 1, 0]}}
 
 
 def test_summary_pairs_seeds_and_never_divides_by_zero(tmp_path):
@@ -119,7 +119,7 @@ def test_summary_pairs_seeds_and_never_divides_by_zero(tmp_path):
     assert agg["jreg"]["reached"] == 0 and agg["jreg"]["speedup"] == {"mean": None, "std": None, "n": 0}
     assert agg["simreg"]["zero_shot"]["task_a"]["mean"] == pytest.approx(0.6)
     assert agg["simreg"]["analysis"]["inter_intra_gap"]["mean"] == pytest.approx(0.2)
-    assert agg["simreg"]["analysis"]["margin_hist"]["counts"] == [6, 2]
+    assert agg["simreg"]["analysis"]["margin_hist"]["counts"] == [0, 6, 2, 0]
     assert agg["baseline"]["curve"]["mean"][1] == pytest.approx(3.0) and agg["baseline"]["curve"]["std"][3] > 0
 
     out = tmp_path / "out"

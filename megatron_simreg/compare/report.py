@@ -133,17 +133,23 @@ def write_plots(out: str, summary: dict) -> List[str]:
             d = an["layer_distances"]
             ax.errorbar(range(1, len(d) + 1), [x["mean"] for x in d], yerr=[x["std"] or 0.0 for x in d],
                         marker="o", capsize=3, label=method)
-        ax.set(xlabel="layer l", ylabel="angular distance d_l", title=f"{model}: per-layer angular distance")
+        ax.set(xlabel="layer l", ylabel="angular distance d_l", title=f"{model}: per-layer angular distance",
+               xticks=range(1, len(d) + 1))
         ax.legend(fontsize=8)
         paths.append(_save(fig, out, f"layer_distance_{model}.png"))
 
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for i, (method, an) in enumerate(analysed.items()):
             h = an["margin_hist"]
+            edges = list(h["edges"])
+            if len(h["counts"]) == len(edges) + 1:  # open end bins: drawn one bin-width wide
+                edges = [2 * edges[0] - edges[1]] + edges + [2 * edges[-1] - edges[-2]]
             total = max(1, sum(h["counts"]))
-            ax.stairs([c / total for c in h["counts"]], h["edges"], label=method, linewidth=1.5)
+            # Density, not counts: the bins are wider in the tails, which counts would exaggerate.
+            ax.stairs([c / total / (hi - lo) for c, lo, hi in zip(h["counts"], edges[:-1], edges[1:])], edges,
+                      label=method, linewidth=1.5)
         ax.axvline(0.0, color="gray", linestyle=":", linewidth=1)
-        ax.set(xlabel="margin (true logit − best other)", ylabel="fraction of tokens",
+        ax.set(xlabel="margin (true logit − best other)", ylabel="density (fraction of tokens per unit)",
                title=f"{model}: classification margins")
         ax.legend(fontsize=8)
         paths.append(_save(fig, out, f"margins_{model}.png"))
