@@ -13,7 +13,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_simreg", "megatron_simreg.*"]),
-    package_data={"megatron_simreg.analysis": ["data/*.txt"]},
+    # zero_shot_tasks/: the local zero-shot tasks' data and lm-eval YAML templates (analysis/zero_shot.py).
+    package_data={"megatron_simreg.analysis": ["data/*.txt", "zero_shot_tasks/*"]},
     # torch is a range on purpose: an installed torch (CPU or a cluster's CUDA
     # build) satisfies it and nothing is downloaded. tools/setup_env.sh installs
     # the CPU build first on a fresh machine.
