@@ -73,12 +73,19 @@ def main(args) -> int:
         print(f"compare: error: {e}", file=sys.stderr)
         return 1
 
+    from .conversion.layout import ConversionError
+    from .training.checkpoint import CheckpointError
+
     device = args.device or ("cuda" if _cuda() else "cpu")
     evals = {}
-    for run in grid.runs:
-        ev = evaluate.evaluate_run(grid, args.out, run, device=device)
-        if ev is not None:
-            evals[run.name] = ev
+    try:
+        for run in grid.runs:
+            ev = evaluate.evaluate_run(grid, args.out, run, device=device)
+            if ev is not None:
+                evals[run.name] = ev
+    except (ValueError, ConversionError, CheckpointError) as e:  # the evaluations done so far are kept
+        print(f"compare: error: evaluating {run.name}: {e}", file=sys.stderr)
+        return 1
     missing = [r.name for r in grid.runs if r.name not in evals]
     runs = summary.per_run(grid, evals)
     agg = summary.summarize(grid, runs)

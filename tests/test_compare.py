@@ -16,7 +16,7 @@ from megatron_simreg.compare.grid import GridError, load_grid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-TRAIN = {"num-layers": 2, "hidden-size": 32, "num-attention-heads": 4, "num-query-groups": 2, "seq-length": 32,
+TRAIN = {"num-layers": 2, "hidden-size": 32, "num-attention-heads": 4, "num-query-groups": 2, "seq-length": 64,
          "swiglu": True, "micro-batch-size": 4, "global-batch-size": 4, "lr": 3e-3, "lr-warmup-iters": 2,
          "eval-interval": 4, "eval-iters": 1, "log-interval": 4}
 
@@ -44,7 +44,7 @@ def test_grid_expands_seed_major_with_shared_flags(tmp_path):
     assert [r.name for r in g.runs] == ["dense.baseline.s1", "dense.simreg.s1", "dense.jreg.s1",
                                         "dense.baseline.s2", "dense.simreg.s2", "dense.jreg.s2"]
     r = g.run("dense", "jreg", 2)
-    assert r.train_iters == math.ceil(1000 / (4 * 32)) and r.tokens_per_iter == 128
+    assert r.train_iters == math.ceil(1000 / (4 * 64)) and r.tokens_per_iter == 256
     argv = " ".join(r.train_argv)
     # A regularizer a method does not set is off, whatever a shared config says.
     assert "--jreg-weight 3.0" in argv and "--simreg-weight 0" in argv and "--seed 2" in argv
@@ -162,7 +162,7 @@ def test_tiny_grid_end_to_end(tiny_grid):
     agg = res["summary"]["dense"]
     assert agg["baseline"]["final_val_loss"]["n"] == 2 and agg["baseline"]["final_val_loss"]["std"] is not None
     for name, r in res["runs"].items():
-        assert r["tokens"] == [512, 1024, 1536] and len(r["val_loss"]) == 3  # evaluations at 4, 8, 12
+        assert r["tokens"] == [1024, 2048, 3072] and len(r["val_loss"]) == 3  # evaluations at 4, 8, 12
         assert 0.0 <= r["zero_shot"]["pycode_next_line"] <= 1.0
         an = r["analysis"]
         assert len(an["layer_distances"]) == 2 and an["jump_strength"] > 0

@@ -178,6 +178,16 @@ def _offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
+class _CountTruncations(logging.Filter):
+    count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Combined length of context"):
+            self.count += 1
+            return False
+        return True
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """lm-eval, transformers and datasets log at WARNING at most for the duration (they log every task and
@@ -186,6 +196,11 @@ def _quiet() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    # lm-eval warns once per request whose context is longer than the model's window (thousands of lines for a
+    # small-context model); count them and say it once.
+    truncated = _CountTruncations()
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    hf_logger.addFilter(truncated)
     bars = None
     with contextlib.suppress(ImportError):
         import datasets
@@ -195,6 +210,9 @@ def _quiet() -> Iterator[None]:
     try:
         yield
     finally:
+        hf_logger.removeFilter(truncated)
+        if truncated.count:
+            print(f"note: lm-eval left-truncated {truncated.count} requests longer than the model's context window")
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
         if bars:
@@ -301,8 +319,16 @@ def evaluate_zero_shot(hf_dir: str, tasks: Union[str, Sequence[str]], *, limit: 
         if remote:
             runs.append((remote, _registry(include_path), False))
         for names, manager, offline in runs:
-            with _offline() if offline else contextlib.nullcontext():
-                out = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit,
-                                              log_samples=False, bootstrap_iters=1000)
+            try:
+                with _offline() if offline else contextlib.nullcontext():
+                    out = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit,
+                                                  log_samples=False, bootstrap_iters=1000)
+            except AssertionError as e:
+                # lm-eval asserts that every answer fits the model's window; say which window, and the fix.
+                raise ZeroShotError(
+                    f"lm-eval failed on {', '.join(names)} for {hf_dir}: {str(e) or 'an internal check'}. The "
+                    f"usual cause is an answer longer than the model's context window ({model.max_length} tokens, from its "
+                    "config); evaluate a model trained with a longer --seq-length, or pick tasks with shorter "
+                    "answers") from None
             results.update({name: _summarize(out, name) for name in names})
     return {t: results[t] for t in tasks}
