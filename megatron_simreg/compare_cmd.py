@@ -46,7 +46,14 @@ def main(args) -> int:
     except GridError as e:
         print(f"compare: error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run and not args.slurm:
+    if args.dry_run:  # writes nothing
+        if args.slurm:
+            try:
+                runner.submit_slurm(grid, args.out, cluster_fields(args), dry_run=True)
+            except ValueError as e:
+                print(f"compare: error: {e}", file=sys.stderr)
+                return 2
+            return 0
         for run in grid.runs:
             st, it = runner.state(args.out, run)
             print(f"{run.name} [{st}{'' if it is None else f' at iteration {it}'}]\n  "
@@ -57,9 +64,7 @@ def main(args) -> int:
         shutil.copyfile(args.grid, os.path.join(args.out, "grid.yaml"))  # the record of what was run
     try:
         if args.slurm and not args.report_only:
-            job = runner.submit_slurm(grid, args.out, cluster_fields(args), dry_run=args.dry_run)
-            if args.dry_run:
-                return 0
+            job = runner.submit_slurm(grid, args.out, cluster_fields(args))
             if job is not None and not args.wait:
                 print(f"rerun this command when job {job} has ended to evaluate and report")
                 return 0

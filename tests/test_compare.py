@@ -219,6 +219,7 @@ def test_slurm_dry_run_is_one_job_array(tmp_path):
     assert "#SBATCH --array=0-3" in out.stdout and "#SBATCH --nodes=2" in out.stdout
     for name in ("dense.baseline.s1", "dense.simreg.s2"):
         assert name in out.stdout
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
 def test_example_grids_are_valid():

@@ -253,3 +253,26 @@ def test_deepspeed_launcher(cluster, tmp_path):
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     meta = json.loads((run / "checkpoints" / "iter_0000003" / "meta.json").read_text())
     assert meta["backend"] == "deepspeed" and meta["model"]["data_parallel_size"] == 2
+
+
+def test_compare_trains_its_grid_as_a_job_array(cluster, tmp_path):
+    """`compare --slurm --wait`: the unfinished runs as one array in OUT/runs, then the report; a rerun skips them."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "train: {num-layers: 2, hidden-size: 32, num-attention-heads: 4, seq-length: 32, micro-batch-size: 2,\n"
+        f"        global-batch-size: 4, eval-interval: 3, eval-iters: 1}}\n"
+        f"data: {{train-iters: 6, data-cache-path: {cluster['cache']}}}\n"
+        "models: {tiny: {}}\nmethods: {baseline: {}, simreg: {simreg-weight: 0.1}}\nseeds: [1]\n"
+        "evaluation: {analysis: {sequences: 0}}\n")
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "megatron_simreg.cli", "compare", "--grid", str(grid), "--out", str(out_dir)]
+    out = subprocess.run(cmd + ["--slurm", "--wait", "--nodes", "1", "--gpus-per-node", "0", "--partition",
+                                "debug", "--time", "10"], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                         env={**os.environ, **cluster["env"]})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:] + _logs(out_dir / "runs")
+    assert "submitted job array" in out.stdout
+    res = json.loads((out_dir / "results.json").read_text())
+    assert sorted(res["runs"]) == ["tiny.baseline.s1", "tiny.simreg.s1"] and res["unfinished_runs"] == []
+    assert res["runs"]["tiny.simreg.s1"]["tokens"] == [384, 768]
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=os.environ)
+    assert again.returncode == 0 and again.stdout.count("finished (iteration 6), skipped") == 2

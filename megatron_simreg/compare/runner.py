@@ -114,14 +114,14 @@ def submit_slurm(grid: Grid, out: str, cluster: dict, dry_run: bool = False, log
     todo = [r for r in grid.runs if state(out, r)[0] != "finished"]
     if not todo:
         return None
-    for r in todo:
-        record_flags(out, r)
     tasks = [sub.make_task(r.name, r.train_argv) for r in todo]
     spec = JobSpec(run_dir=os.path.abspath(runs_dir), tasks=tasks, array=True, env=passthrough_env(), **cluster)
     spec.validate()
     if dry_run:
         sys.stdout.write(render(spec))
         return None
+    for r in todo:
+        record_flags(out, r)
     job_id = sub.sbatch(sub.write(spec))
     log(f"submitted job array {job_id}: {len(tasks)} runs ({', '.join(r.name for r in todo)})")
     return job_id
