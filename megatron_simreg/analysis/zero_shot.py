@@ -327,8 +327,8 @@ def evaluate_zero_shot(hf_dir: str, tasks: Union[str, Sequence[str]], *, limit: 
                 # lm-eval asserts that every answer fits the model's window; say which window, and the fix.
                 raise ZeroShotError(
                     f"lm-eval failed on {', '.join(names)} for {hf_dir}: {str(e) or 'an internal check'}. The "
-                    f"usual cause is an answer longer than the model's context window ({model.max_length} tokens, from its "
-                    "config); evaluate a model trained with a longer --seq-length, or pick tasks with shorter "
+                    f"usual cause is an answer longer than the model's context window ({model.max_length} tokens, "
+                    "from its config); evaluate a model trained with a longer --seq-length, or pick tasks with shorter "
                     "answers") from None
             results.update({name: _summarize(out, name) for name in names})
     return {t: results[t] for t in tasks}
