@@ -61,9 +61,10 @@ def _reference(rank, world, num_experts, simreg_kw, jreg_kw, representation):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(num_experts=None, representation="post_norm"):
+def reference(num_experts=None, representation="post_norm", jreg_weighting=JREG["weighting"]):
     simreg_kw = dict(SIMREG, representation=representation)
-    return run_distributed(_reference, 1, args=(num_experts, simreg_kw, JREG, representation), timeout=120)[0]
+    jreg_kw = dict(JREG, weighting=jreg_weighting)
+    return run_distributed(_reference, 1, args=(num_experts, simreg_kw, jreg_kw, representation), timeout=120)[0]
 
 
 def _patched(rank, world, tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_token, use_begin_step, overrides):
@@ -157,6 +158,13 @@ def test_pre_norm_representation():
     assert_grads_match(out["grads"], ref["grads"])
 
 
+def test_grad_scale_func_scales_the_regularizers_like_the_lm_loss():
+    """Megatron's optimizer loss scaling (config.grad_scale_func) multiplies every gradient, the attached ones too."""
+    ref = reference()
+    out = run_patched(grad_scale_func=functools.partial(torch.mul, other=4.0))[0]
+    assert_grads_match({k: g / 4.0 for k, g in out["grads"].items()}, ref["grads"])
+
+
 def test_dense_tp2_sp():
     ref = reference()
     outs = run_patched(tp=2, sp=True)
@@ -170,6 +178,14 @@ def test_dense_pp2():
     assert abs(outs[1]["lm"] - ref["lm"]) <= 1e-6 * abs(ref["lm"])
     assert_grads_match(outs[0]["grads"], ref["grads"])
     assert outs[0]["logged"] == outs[1]["logged"]  # JREG summed over stages, SimReg from the last
+
+
+def test_final_weighting_pp2():
+    """weighting="final": only the last layer's distance is computed, so the first stage has no JREG term."""
+    ref = reference(jreg_weighting="final")
+    outs = run_patched(pp=2, jreg_kw=dict(JREG, weighting="final"))
+    assert_grads_match(outs[0]["grads"], ref["grads"])
+    assert outs[0]["logged"]["jreg"] == pytest.approx(ref["jreg"].item(), rel=0.2) and ref["jreg"] > 0
 
 
 @pytest.mark.parametrize("per_token", [False, True])

@@ -205,6 +205,47 @@ def test_explicit_keys_and_positions_match_full_sequence():
         assert torch.equal(part.anchors, full.anchors[:, pos])
 
 
+def test_raw_states_with_separate_keys_match_naive():
+    """``norm_eps``: raw states normalized inside, anchors from a shard and keys from the whole sequence.
+
+    The leaf reaches the loss both as anchors and as keys, so the gradient checks the normalization's
+    backward on both paths; one state is zero (clamped by eps).
+    """
+    hidden, labels, mask = make(b=2, s=24, h=8, seed=11)
+    hidden[1, 4] = 0.0
+    valid = (labels != -100) & (mask == 1)
+    pos = torch.tensor([0, 1, 2, 3, 4, 5, 18, 19, 20, 21, 22, 23])
+    w = torch.randn(2, len(pos), dtype=hidden.dtype, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for impl in ("naive", "blockwise"):
+        h = hidden.clone().requires_grad_()
+        t = ms.simreg_per_token(h[:, pos], labels[:, pos], valid[:, pos], temperature=0.1, chunk_size=5, impl=impl,
+                                keys=(h, labels, valid), q_positions=pos, norm_eps=1e-8)
+        (t.per_token * w).sum().backward()
+        out[impl] = (t.per_token.detach(), t.anchors, h.grad)
+    torch.testing.assert_close(out["blockwise"][0], out["naive"][0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(out["blockwise"][1], out["naive"][1]) and out["naive"][1].any()
+    torch.testing.assert_close(out["blockwise"][2], out["naive"][2], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_count_anchors_matches_brute_force(seed):
+    from megatron_simreg.losses.simreg import count_anchors
+
+    g = torch.Generator().manual_seed(seed)
+    b, s = 3, 40
+    labels = torch.randint(0, 6, (b, s), generator=g)
+    labels[0, :5] = 2**31 - 1  # large label ids keep their own key
+    valid = torch.rand(b, s, generator=g) > 0.3
+    valid[2] = False  # a row without any valid token
+    segments = torch.arange(s) // 7
+    same = (labels[:, :, None] == labels[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    same &= (segments[:, None] == segments[None, :]) & ~torch.eye(s, dtype=torch.bool)
+    counted = count_anchors(labels, valid, segments)
+    assert counted.dtype == torch.int64 and counted.dim() == 0
+    assert counted.item() == int(same.any(-1).sum()) > 0
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -25,7 +25,8 @@ SKIP_REASON = "triton is not installed (pip install triton); the kernel cannot b
 
 # name -> (dtype, chunk_size, kind); kinds: "terms" (public simreg_terms path: self keys,
 # normalized inside), "keys" (separate keys with positions, as distributed exact
-# mode passes), "shard" (self keys, non-contiguous positions, as shard_local passes).
+# mode passes), "shard" (self keys, non-contiguous positions, as shard_local passes);
+# "_raw": raw states normalized inside (norm_eps), as the Megatron integration passes them.
 CASES = {
     "fp32": ("float32", None, "terms"),
     "fp32_chunk10": ("float32", 10, "terms"),
@@ -38,6 +39,9 @@ CASES = {
     "fp32_keys_chunk5": ("float32", 5, "keys"),
     "bf16_keys_chunk5": ("bfloat16", 5, "keys"),
     "fp32_shard_chunk5": ("float32", 5, "shard"),
+    "fp32_keys_raw_chunk5": ("float32", 5, "keys_raw"),
+    "bf16_keys_raw": ("bfloat16", None, "keys_raw"),
+    "fp32_shard_raw": ("float32", None, "shard_raw"),
 }
 
 
@@ -49,7 +53,7 @@ def _worker() -> dict:  # runs in the subprocess, under the interpreter
         from megatron_simreg.kernels import simreg_triton
     except Exception as e:  # noqa: BLE001
         return {"import_error": f"{type(e).__name__}: {e}"}
-    from megatron_simreg.losses.simreg import normalize
+    from megatron_simreg.losses.simreg import NORM_EPS, normalize
 
     small = dict(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1, num_splits=2, slab_rows=16)
     for table in (simreg_triton.FWD_CONFIG, simreg_triton.BWD_CONFIG):
@@ -106,14 +110,16 @@ def _worker() -> dict:  # runs in the subprocess, under the interpreter
             continue
         pos = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 28, 29, 30, 31, 32, 33, 34, 35, 36])  # zigzag-like shard
 
+        raw = kind.endswith("_raw")
+
         def run(impl, z):
-            if kind == "keys":
-                return ms.simreg_per_token(z[:, pos], labels[:, pos], valid[:, pos], temperature=tau, chunk_size=chunk,
-                                           impl=impl, keys=(z, labels, valid), q_positions=pos)
-            return ms.simreg_per_token(z[:, pos], labels[:, pos], valid[:, pos], temperature=tau, chunk_size=chunk,
-                                       impl=impl, q_positions=pos)
-        # The normalized states are the leaf (in the case's dtype); the reference sees the same values in float64.
-        z = normalize(hidden.double()).to(dtype)
+            kw = dict(temperature=tau, chunk_size=chunk, impl=impl, q_positions=pos, norm_eps=NORM_EPS if raw else None)
+            if kind.startswith("keys"):
+                kw["keys"] = (z, labels, valid)
+            return ms.simreg_per_token(z[:, pos], labels[:, pos], valid[:, pos], **kw)
+        # The (normalized, or raw) states are the leaf in the case's dtype; the reference sees the same values in
+        # float64. With keys, the leaf reaches the loss as anchors and as keys, so both gradients are checked.
+        z = hidden if raw else normalize(hidden.double()).to(dtype)
         w = weights[:, pos]
         got = terms_and_grads(lambda x: run("triton", x), z, w)
         ref = terms_and_grads(lambda x: run("naive", x), z.double(), w)

@@ -85,7 +85,7 @@ def worker(args) -> dict:
 
     def step():
         if simreg:
-            begin_step(num_anchors=count_step_anchors(list(tokens[:, :, 1:].cpu()), None, simreg))
+            begin_step(num_anchors=count_step_anchors(list(tokens[:, :, 1:]), None, simreg))  # on the device
         model.zero_grad(set_to_none=True)
         fb(forward_step_func=forward_step, data_iterator=iter(tokens), model=[model], num_microbatches=m,
            seq_length=s, micro_batch_size=b, forward_only=False)

@@ -298,12 +298,13 @@ class TritonSimReg(torch.autograd.Function):
             xq = xq.contiguous()
         rq, unclamped = _inverse_norms(xq, norm_eps)
         yq, pq, cq = _metadata(yq, vq, pq, chunk_size)
+        unclamped_k = None
         if self_keys:
             xk, yk, pk, ck, rk = xq, yq, pq, cq, rq
         else:
             if xk.stride(-1) != 1:
                 xk = xk.contiguous()
-            rk = torch.ones(xk.shape[:2], device=xk.device, dtype=torch.float32)
+            rk, unclamped_k = _inverse_norms(xk, norm_eps)
             yk, pk, ck = _metadata(yk, vk, pk, chunk_size)
         b, sq, h = xq.shape
         sk = xk.shape[1]
@@ -338,13 +339,13 @@ class TritonSimReg(torch.autograd.Function):
         ctx.self_keys = self_keys
         ctx.args = (temperature, chunk_size, norm_eps, bwd_over)
         keys = (None,) * 5 if self_keys else (xk, rk, yk, pk, ck)
-        ctx.save_for_backward(xq, rq, yq, pq, cq, *keys, unclamped, lse, npos, anchors)
+        ctx.save_for_backward(xq, rq, yq, pq, cq, *keys, unclamped, unclamped_k, lse, npos, anchors)
         ctx.mark_non_differentiable(anchors)
         return per_token, anchors
 
     @staticmethod
     def backward(ctx, grad_per_token, _grad_anchors):
-        xq, rq, yq, pq, cq, xk, rk, yk, pk, ck, unclamped, lse, npos, anchors = ctx.saved_tensors
+        xq, rq, yq, pq, cq, xk, rk, yk, pk, ck, unclamped, unclamped_k, lse, npos, anchors = ctx.saved_tensors
         temperature, chunk_size, norm_eps, bwd_over = ctx.args
         if ctx.self_keys:
             xk, rk, yk, pk, ck = xq, rq, yq, pq, cq
@@ -384,15 +385,26 @@ class TritonSimReg(torch.autograd.Function):
             u_k += _bmm_f32(slab.transpose(1, 2), xq_mm[:, r0:r1])   # r_j dz_j
             del slab
         if norm_eps is not None:
-            # dh = r dz - r z (z . dz) = u - r^2 x (x . u); just u where the norm was clamped to eps.
-            for r0 in range(0, sq, rows):
-                r1 = min(r0 + rows, sq)
-                xs = xq[:, r0:r1].float()
-                coef = torch.where(unclamped[:, r0:r1], (xs * u_q[:, r0:r1]).sum(-1) * rq[:, r0:r1] ** 2, 0.0)
-                u_q[:, r0:r1].addcmul_(xs, coef.unsqueeze(-1), value=-1.0)
+            _normalize_backward_(u_q, xq, rq, unclamped, rows)
+            if not ctx.self_keys:
+                _normalize_backward_(u_k, xk, rk, unclamped_k, rows)
         grad_q = u_q.to(xq.dtype)
         grad_k = None if ctx.self_keys else u_k.to(xk.dtype)
         return grad_q, grad_k, *([None] * 11)
+
+
+def _normalize_backward_(u: torch.Tensor, x: torch.Tensor, r: torch.Tensor, unclamped: torch.Tensor, rows: int):
+    """In place, ``rows`` rows at a time (an fp32 copy of x per slab): ``u - r^2 x (x . u)``.
+
+    ``u = r dz`` ``[b, s, h]`` fp32 is the gradient of the normalized state
+    times ``r``; the result is ``dh``. Where the norm was clamped to eps it is
+    just ``u``.
+    """
+    for r0 in range(0, x.shape[1], rows):
+        r1 = min(r0 + rows, x.shape[1])
+        xs = x[:, r0:r1].float()
+        coef = torch.where(unclamped[:, r0:r1], (xs * u[:, r0:r1]).sum(-1) * r[:, r0:r1] ** 2, 0.0)
+        u[:, r0:r1].addcmul_(xs, coef.unsqueeze(-1), value=-1.0)
 
 
 def triton_simreg(
@@ -421,8 +433,8 @@ def triton_simreg(
 
     ``zq``/``zk`` may be bf16, fp16 or fp32 (fp32 accumulation throughout);
     pass the same tensors for self keys (one gradient then serves both roles).
-    ``norm_eps``: ``zq`` holds raw states (self keys only), normalized inside
-    as ``h / max(||h||, norm_eps)``. ``contiguous=True`` promises
+    ``norm_eps``: ``zq`` and ``zk`` hold raw states, normalized inside as
+    ``h / max(||h||, norm_eps)``. ``contiguous=True`` promises
     ``pq == pk == arange`` (chunked mode then runs chunk by chunk).
     The remaining keywords override the launch configuration (tests use small
     blocks): ``block_m``/``block_n``/``block_k``, ``num_splits`` (forward key
@@ -439,8 +451,6 @@ def triton_simreg(
             raise ValueError('impl="triton" needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, '
                              "for Triton's slow CPU interpreter); use impl=\"blockwise\" on CPU")
     self_keys = zk is zq and yk is yq and vk is vq and pk is pq
-    if norm_eps is not None and not self_keys:
-        raise ValueError("norm_eps (normalizing inside) needs the anchors to be their own keys")
     fwd_over = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_splits=num_splits,
                     num_warps=num_warps, num_stages=num_stages)
     bwd_over = dict(block_m=block_m, block_n=block_n, block_k=block_k, slab_rows=slab_rows,

@@ -63,11 +63,16 @@ def _check_states(states, loss_mask):
 
 
 def layer_distance_sums(
-    states: Sequence[torch.Tensor], loss_mask: Optional[torch.Tensor] = None, *, metric: str = "angular"
+    states: Sequence[torch.Tensor], loss_mask: Optional[torch.Tensor] = None, *, metric: str = "angular",
+    pairs: Optional[Sequence[int]] = None,
 ):
     """``(sums [L], count)``: per-layer distance summed over valid tokens, and the token count.
 
     For distributed callers, which all-reduce both before dividing.
+    ``pairs``: compute only these layers (indices into ``states[1:]``); the
+    sums then have one entry per listed layer. The training patch lists the
+    layers with a nonzero weight, so that ``weighting="final"`` costs one
+    layer's distance instead of ``L``.
     """
     check_choice("metric", metric, JREG_METRICS)
     _check_states(states, loss_mask)
@@ -75,10 +80,12 @@ def layer_distance_sums(
     if loss_mask is not None:
         mask = (loss_mask if loss_mask.dtype == torch.bool else loss_mask == 1)
     sums = []
-    for prev, cur in zip(states[:-1], states[1:]):
-        d = token_distances(prev, cur, metric)
+    for i in range(len(states) - 1) if pairs is None else pairs:
+        d = token_distances(states[i], states[i + 1], metric)
         sums.append((d * mask).sum() if mask is not None else d.sum())
     count = mask.sum() if mask is not None else torch.tensor(states[0][..., 0].numel(), device=states[0].device)
+    if not sums:
+        return states[0].new_zeros(0, dtype=torch.float32), count
     return torch.stack(sums), count
 
 

@@ -86,9 +86,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def normalize(hidden: torch.Tensor) -> torch.Tensor:
+def normalize(hidden: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """``z = h / max(||h||, eps)`` along the last dim, in fp32 (float64 kept)."""
-    return F.normalize(hidden.to(compute_dtype(hidden.dtype)), dim=-1, eps=NORM_EPS)
+    return F.normalize(hidden.to(compute_dtype(hidden.dtype)), dim=-1, eps=eps)
 
 
 def valid_tokens(labels: torch.Tensor, loss_mask: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
@@ -150,7 +150,7 @@ def check_inputs(
         raise ValueError("hidden contains NaN or Inf (found by debug=True)")
 
 
-def count_anchors(labels: torch.Tensor, valid: torch.Tensor, segments: torch.Tensor) -> int:
+def count_anchors(labels: torch.Tensor, valid: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """Number of SimReg anchors, from labels alone (no hidden states needed).
 
     ``labels``/``valid`` ``[b, s]``; ``segments`` ``[s]``: positions may only
@@ -158,15 +158,21 @@ def count_anchors(labels: torch.Tensor, valid: torch.Tensor, segments: torch.Ten
     chunks). A valid token is an anchor iff another valid token of its row
     and segment has the same label. Callers use it to know a global batch's
     anchor count before any forward pass.
+
+    Returns a 0-dim int64 tensor on the labels' device. It sorts one int64
+    key per token, ``segment << 32 | label``, and counts tokens whose sorted
+    neighbour has the same key: fixed shapes, so no host sync on GPU, and
+    ~100x faster on CPU than ``torch.unique(dim=0)`` (1.3 s -> 8 ms for
+    64 x 4096 labels).
     """
     b, s = labels.shape
-    rows = torch.arange(b, device=labels.device)[:, None].expand(b, s)
-    seg = segments.to(labels.device)[None, :].expand(b, s)
-    keys = torch.stack([rows[valid], seg[valid], labels[valid]], dim=1)
-    if keys.numel() == 0:
-        return 0
-    _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
-    return int((counts[inverse] >= 2).sum())
+    key = (segments.to(labels.device, torch.int64)[None, :] << 32) | labels.to(torch.int64)
+    # invalid tokens get distinct negative keys: they never match, and are not counted
+    key = torch.where(valid, key, -1 - torch.arange(s, device=labels.device)).sort(dim=1).values
+    same = key[:, 1:] == key[:, :-1]
+    edge = torch.zeros(b, 1, dtype=torch.bool, device=labels.device)
+    has_twin = torch.cat([edge, same], 1) | torch.cat([same, edge], 1)
+    return (has_twin & (key >= 0)).sum()
 
 
 def naive_simreg(
@@ -234,14 +240,19 @@ def simreg_per_token(
     keys: Optional[tuple] = None,
     q_positions: Optional[torch.Tensor] = None,
     k_positions: Optional[torch.Tensor] = None,
+    norm_eps: Optional[float] = None,
 ) -> SimRegTerms:
-    """Low-level entry for callers that already hold normalized states.
+    """Low-level entry: anchors against keys, without input checks.
 
-    ``zq`` ``[b, sq, h]`` normalized anchors, ``yq`` labels and ``vq`` bool
+    ``zq`` ``[b, sq, h]`` anchor states, ``yq`` labels and ``vq`` bool
     validity ``[b, sq]``. ``keys=(zk, yk, vk)`` gives a different key set
     (e.g. the whole sequence gathered across ranks); by default the anchors
-    are their own keys. ``q_positions``/``k_positions`` ``[s*]`` are the
-    tokens' positions in the full sequence (default ``arange``).
+    are their own keys, which saves a gradient buffer. ``q_positions``/
+    ``k_positions`` ``[s*]`` are the tokens' positions in the full sequence
+    (default ``arange``). ``norm_eps=None``: the states are normalized
+    already. ``norm_eps=eps``: they are raw hidden states, normalized as
+    ``h / max(||h||, eps)`` by the implementation itself (Triton reads them
+    in their own dtype, so bf16 states take bf16 tensor-core dots).
     """
     zk, yk, vk = keys if keys is not None else (zq, yq, vq)
     contiguous = keys is None and q_positions is None and k_positions is None
@@ -251,10 +262,18 @@ def simreg_per_token(
         k_positions = q_positions if keys is None else torch.arange(zk.shape[1], device=zk.device)
     which = resolve_impl(impl, zk.shape[1], zq)
     if which == "naive":
+        if norm_eps is not None:
+            zq = normalize(zq, norm_eps)
+            zk = zq if keys is None else normalize(zk, norm_eps)
         return naive_simreg(zq, yq, vq, q_positions, zk, yk, vk, k_positions, temperature, chunk_size)
-    per_token, anchors = (load_triton_simreg() if which == "triton" else blockwise_simreg)(
-        zq, yq, vq, q_positions, zk, yk, vk, k_positions, temperature, chunk_size, contiguous=contiguous
-    )
+    if which == "triton":
+        fn = load_triton_simreg()
+    else:
+        fn = blockwise_simreg
+        zq = zq.to(compute_dtype(zq.dtype))
+        zk = zq if keys is None else zk.to(compute_dtype(zk.dtype))
+    per_token, anchors = fn(zq, yq, vq, q_positions, zk, yk, vk, k_positions, temperature, chunk_size,
+                            contiguous=contiguous, norm_eps=norm_eps)
     return SimRegTerms(per_token, anchors)
 
 
@@ -278,21 +297,8 @@ def simreg_terms(
     check_chunk_size(chunk_size)
     check_choice("impl", impl, SIMREG_IMPLS)
     check_inputs(hidden, labels, loss_mask, ignore_index=ignore_index, vocab_size=vocab_size, debug=debug)
-    valid = valid_tokens(labels, loss_mask, ignore_index)
-    which = resolve_impl(impl, hidden.shape[1], hidden)
-    if which == "triton":
-        # reads the states in their own dtype and normalizes inside its kernels
-        pos = torch.arange(hidden.shape[1], device=hidden.device)
-        return SimRegTerms(*load_triton_simreg()(hidden, labels, valid, pos, hidden, labels, valid, pos, temperature,
-                                                 chunk_size, contiguous=True, norm_eps=NORM_EPS))
-    if which == "blockwise":
-        # normalizes inside its autograd function, which saves two [b, s, h] buffers
-        pos = torch.arange(hidden.shape[1], device=hidden.device)
-        h = hidden.to(compute_dtype(hidden.dtype))
-        return SimRegTerms(*blockwise_simreg(h, labels, valid, pos, h, labels, valid, pos, temperature, chunk_size,
-                                             contiguous=True, norm_eps=NORM_EPS))
-    return simreg_per_token(normalize(hidden), labels, valid, temperature=temperature, chunk_size=chunk_size,
-                            impl="naive")
+    return simreg_per_token(hidden, labels, valid_tokens(labels, loss_mask, ignore_index), temperature=temperature,
+                            chunk_size=chunk_size, impl=impl, norm_eps=NORM_EPS)
 
 
 def simreg_loss(

@@ -56,12 +56,15 @@ class BlockwiseSimReg(torch.autograd.Function):
         # zk=None: the anchors are their own keys; one gradient buffer then
         # serves both roles instead of two that autograd would add up.
         ctx.self_keys = zk is None
-        # norm_eps set: zq holds raw states, normalized here so that the
-        # normalization's backward reuses the gradient buffer in place.
-        norms = None
+        # norm_eps set: the states are raw, normalized here so that the
+        # normalization's backward reuses the gradient buffers in place.
+        norms_q = norms_k = None
         if norm_eps is not None:
-            norms = zq.norm(dim=-1, keepdim=True).clamp_min(norm_eps)
-            zq = zq / norms
+            norms_q = zq.norm(dim=-1, keepdim=True).clamp_min(norm_eps)
+            zq = zq / norms_q
+            if zk is not None:
+                norms_k = zk.norm(dim=-1, keepdim=True).clamp_min(norm_eps)
+                zk = zk / norms_k
         if zk is None:
             zk, yk, vk, pk = zq, yq, vq, pq
         b, sq, _ = zq.shape
@@ -83,14 +86,14 @@ class BlockwiseSimReg(torch.autograd.Function):
         # backward's exp(sim - lse) stays finite.
         lse = torch.where(anchors, lse, 0.0)
         per_token = torch.where(anchors, lse - pos_sum / num_pos.clamp_min(1), 0.0)
-        ctx.save_for_backward(zq, zk, yq, yk, vq, vk, pq, pk, lse, num_pos, anchors, norms)
+        ctx.save_for_backward(zq, zk, yq, yk, vq, vk, pq, pk, lse, num_pos, anchors, norms_q, norms_k)
         ctx.args = (temperature, chunk_size, contiguous, block_size, norm_eps)
         ctx.mark_non_differentiable(anchors)
         return per_token, anchors
 
     @staticmethod
     def backward(ctx, grad_per_token, _grad_anchors):
-        zq, zk, yq, yk, vq, vk, pq, pk, lse, num_pos, anchors, norms = ctx.saved_tensors
+        zq, zk, yq, yk, vq, vk, pq, pk, lse, num_pos, anchors, norms_q, norms_k = ctx.saved_tensors
         temperature, chunk_size, contiguous, block_size, norm_eps = ctx.args
         # Rows that are not anchors contribute nothing (their l_i is a constant 0).
         row_weight = torch.where(anchors, grad_per_token, 0.0) / temperature
@@ -112,12 +115,18 @@ class BlockwiseSimReg(torch.autograd.Function):
             g.mul_(row_weight[:, q0:q1, None])
             grad_q[:, q0:q1] += g @ zk[:, k0:k1]
             grad_k[:, k0:k1] += g.transpose(-1, -2) @ zq[:, q0:q1]
-        if norms is not None:
-            # d(h / n)/dh applied to g: (g - z (z . g)) / n, or g / eps where the norm was clamped.
-            dot = (zq.unsqueeze(-2) @ grad_q.unsqueeze(-1)).squeeze(-1)
-            dot = torch.where(norms > norm_eps, dot, 0.0)
-            grad_q.addcmul_(zq, dot, value=-1.0).div_(norms)
+        if norm_eps is not None:
+            _normalize_backward_(grad_q, zq, norms_q, norm_eps)
+            if not ctx.self_keys:
+                _normalize_backward_(grad_k, zk, norms_k, norm_eps)
         return grad_q, None if ctx.self_keys else grad_k, *([None] * 11)
+
+
+def _normalize_backward_(grad: torch.Tensor, z: torch.Tensor, norms: torch.Tensor, eps: float) -> None:
+    """In place: ``d(h / n)/dh`` applied to ``grad``, ``(g - z (z . g)) / n``, or ``g / eps`` where ``n`` was clamped."""
+    dot = (z.unsqueeze(-2) @ grad.unsqueeze(-1)).squeeze(-1)
+    dot = torch.where(norms > eps, dot, 0.0)
+    grad.addcmul_(z, dot, value=-1.0).div_(norms)
 
 
 def blockwise_simreg(
@@ -136,14 +145,14 @@ def blockwise_simreg(
     block_size: Optional[int] = None,
     norm_eps: Optional[float] = None,
 ):
-    """Blockwise SimReg on normalized states.
+    """Blockwise SimReg on normalized states (or raw ones with ``norm_eps``).
 
     ``zq`` ``[b, sq, h]`` anchors and ``zk`` ``[b, sk, h]`` keys (pass the same
     tensor twice for self-similarity), labels ``y*`` and bool validity ``v*``
     ``[b, s*]``, positions ``p*`` ``[s*]``. ``contiguous=True`` promises
     ``pq == pk == arange`` so chunked mode only visits the block's own chunks.
     ``block_size`` defaults to ``DEFAULT_BLOCK_SIZE``, read at call time.
-    ``norm_eps``: when set, ``zq`` holds raw states (self keys only) that are
+    ``norm_eps``: when set, ``zq`` and ``zk`` hold raw states that are
     normalized inside as ``h / max(||h||, norm_eps)``, saving O(s * h) memory.
     Returns ``(per_token [b, sq], anchors [b, sq])``.
     """
@@ -152,7 +161,5 @@ def blockwise_simreg(
         raise ValueError(f"block_size must be > 0, got {block_size}")
     if zk is zq and yk is yq and vk is vq and pk is pq:
         zk = None
-    if norm_eps is not None and zk is not None:
-        raise ValueError("norm_eps (normalizing inside) needs the anchors to be their own keys")
     return BlockwiseSimReg.apply(zq, zk, yq, yk, vq, vk, pq, pk, temperature, chunk_size, contiguous, block_size,
                                  norm_eps)

@@ -37,7 +37,7 @@ from ..config import JRegConfig, SimRegConfig
 from ..losses.jreg import layer_distance_sums, layer_weights
 from ..parallel.simreg_parallel import ShardLayout, parallel_simreg_terms
 from . import compat, tracker
-from .step import STEP, RegLossAutoScaler, wrap_forward_step
+from .step import STEP, RegLossAutoScaler, loss_scale, wrap_forward_step
 
 MARKER = "_megatron_simreg_patched"
 
@@ -149,11 +149,12 @@ def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout):
     if not cap.layer_outputs or cap.layer_input is None:
         return None
     states = [cap.layer_input] + [h for _, h in cap.layer_outputs]  # [s_local, b, h] each
-    numbers = [n for n, _ in cap.layer_outputs]
-    sums, count = layer_distance_sums(states, mask, metric=cfg.metric)
-    w_all = layer_weights(model.config.num_layers, cfg.weighting, cfg.power, device=sums.device, dtype=sums.dtype)
-    w = w_all[torch.tensor(numbers, device=sums.device) - 1]
-    weighted = (w * sums).sum()
+    w_all = layer_weights(model.config.num_layers, cfg.weighting, cfg.power).tolist()
+    # Zero-weight layers add nothing to R or its gradient: skip them (all but one layer for "final").
+    pairs = [i for i, (n, _) in enumerate(cap.layer_outputs) if w_all[n - 1] != 0.0]
+    sums, count = layer_distance_sums(states, mask, metric=cfg.metric, pairs=pairs)
+    weights = [w_all[cap.layer_outputs[i][0] - 1] for i in pairs]
+    weighted = sum((w * d for w, d in zip(weights, sums)), sums.new_zeros(()))
     totals = _reduce_sum(torch.stack([weighted, count.to(weighted.dtype)]), layout)
     tracker.record("jreg", totals[0] / totals[1].clamp_min(1))
     if model.config.calculate_per_token_loss:
@@ -181,8 +182,10 @@ def _simreg_term(model, hidden, labels, loss_mask, cfg: SimRegConfig, n_tok_mb, 
         )
     from megatron.core import parallel_state as ps
 
-    factor = STEP.num_tokens if per_token else ps.get_data_parallel_world_size(with_context_parallel=True)
-    return cfg.weight * loss_sum * factor / max(STEP.num_anchors, 1)
+    dev = loss_sum.device
+    factor = (STEP.num_tokens.to(dev, loss_sum.dtype) if per_token
+              else ps.get_data_parallel_world_size(with_context_parallel=True))
+    return cfg.weight * loss_sum * factor / STEP.num_anchors.to(dev, loss_sum.dtype).clamp_min(1)
 
 
 def _attach(model, out, cap: _Capture, labels, loss_mask):
@@ -205,7 +208,8 @@ def _attach(model, out, cap: _Capture, labels, loss_mask):
         attached.append(_simreg_term(model, hidden, labels, loss_mask, simreg, n_tok_mb, layout))
     if not attached:
         return out
-    return RegLossAutoScaler.apply(out, STEP.loss_scale * torch.stack([t.float() for t in attached]).sum())
+    reg = torch.stack([t.float() for t in attached]).sum()
+    return RegLossAutoScaler.apply(out, (loss_scale(reg.device) * reg).reshape(()))
 
 
 def _wrap_gpt_forward(original):

@@ -42,7 +42,7 @@ nothing and mirrors the MoE aux loss: a mean of per-micro-batch anchor means.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -66,24 +66,35 @@ class StepState:
     """What the current training step tells the forward pass."""
 
     num_microbatches: int = 1
-    loss_scale: float = 1.0
-    num_anchors: Optional[int] = None  # global batch, for SimReg "global_batch"
-    num_tokens: Optional[int] = None  # global batch, for calculate_per_token_loss
+    # Megatron's config.grad_scale_func (the optimizer's loss scaling), or None for a scale of 1.
+    grad_scale_func: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # Global-batch counts (0-dim tensors, on the GPU when the caller counted there: no host sync).
+    num_anchors: Optional[torch.Tensor] = None  # for SimReg "global_batch"
+    num_tokens: Optional[torch.Tensor] = None  # for calculate_per_token_loss
 
 
 STEP = StepState()
 
 
-def begin_step(num_anchors: Optional[int] = None, num_tokens: Optional[int] = None) -> None:
+def begin_step(num_anchors=None, num_tokens=None) -> None:
     """Announce the global batch's SimReg anchor count (and valid-token count).
 
     Call once per training step, before ``forward_backward_func``, with the
     counts summed over all micro-batches and data-parallel ranks
     (:func:`megatron_simreg.megatron.count_step_anchors` computes them).
-    ``num_tokens`` is needed only with ``calculate_per_token_loss``.
+    Ints or 0-dim tensors; a GPU tensor stays on the GPU, so counting on the
+    device costs no host sync. ``num_tokens`` is needed only with
+    ``calculate_per_token_loss``.
     """
-    STEP.num_anchors = None if num_anchors is None else int(num_anchors)
-    STEP.num_tokens = None if num_tokens is None else int(num_tokens)
+    STEP.num_anchors = None if num_anchors is None else torch.as_tensor(num_anchors).detach()
+    STEP.num_tokens = None if num_tokens is None else torch.as_tensor(num_tokens).detach()
+
+
+def loss_scale(device: torch.device):
+    """The step's loss scale: a ``[1]`` tensor on ``device`` (as Megatron computes it for its MoE aux loss:
+    ``grad_scale_func`` returns a tensor on the optimizer's device, so no host sync), or 1.0."""
+    fn = STEP.grad_scale_func
+    return fn(torch.ones(1, device=device)) if fn is not None else 1.0
 
 
 def end_step() -> None:
@@ -100,8 +111,7 @@ def wrap_forward_step(original):
         bound = signature(original).bind(*args, **kwargs)
         config = bound.arguments["config"]
         STEP.num_microbatches = int(bound.arguments["num_microbatches"])
-        scale_fn = getattr(config, "grad_scale_func", None)
-        STEP.loss_scale = float(scale_fn(torch.ones(1)).item()) if scale_fn is not None else 1.0
+        STEP.grad_scale_func = getattr(config, "grad_scale_func", None)
         return original(*args, **kwargs)
 
     forward_step.__wrapped__ = original

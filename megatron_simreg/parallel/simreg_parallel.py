@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import SimRegConfig
-from ..losses.simreg import SimRegTerms, count_anchors, normalize, simreg_per_token, valid_tokens
+from ..losses.simreg import NORM_EPS, SimRegTerms, count_anchors, simreg_per_token, valid_tokens
 
 
 def zigzag_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -142,27 +142,32 @@ def parallel_simreg_terms(
             f"of labels {tuple(labels.shape)} (tp={layout.tp}, cp={layout.cp}, sequence_parallel={layout.sequence_parallel})"
         )
     valid = valid_tokens(labels, loss_mask, ignore_index)
-    z = normalize(hidden)  # [s_local, b, h], fp32
-    zq, yq, vq, pq = z.transpose(0, 1), labels[:, local], valid[:, local], cp_pos[local]
-    kw = dict(temperature=config.temperature, chunk_size=config.chunk_size, impl=config.impl)
+    # Raw states: each implementation normalizes them itself (Triton in their own dtype: bf16 dots for bf16 models).
+    xq, yq, vq, pq = hidden.transpose(0, 1), labels[:, local], valid[:, local], cp_pos[local]
+    kw = dict(temperature=config.temperature, chunk_size=config.chunk_size, impl=config.impl, norm_eps=NORM_EPS)
 
     if config.mode == "shard_local":
         runs = _shard_runs(pq, s_cp // 2 if layout.cp > 1 else s_cp)
-        parts = [simreg_per_token(zq[:, r], yq[:, r], vq[:, r], q_positions=pq[r], **kw) for r in runs]
+        parts = [simreg_per_token(xq[:, r], yq[:, r], vq[:, r], q_positions=pq[r], **kw) for r in runs]
         return SimRegTerms(torch.cat([p.per_token for p in parts], 1), torch.cat([p.anchors for p in parts], 1))
+
+    sp_split = layout.sequence_parallel and layout.tp > 1
+    if not sp_split and layout.cp == 1:
+        # This rank holds the whole sequence in order: the anchors are their own keys.
+        return simreg_per_token(xq, yq, vq, **kw)
 
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-    zk, yk, vk, pk = z, labels, valid, cp_pos
-    if layout.sequence_parallel and layout.tp > 1:
+    xk, yk, vk, pk = hidden, labels, valid, cp_pos
+    if sp_split:
         # backward = reduce-scatter: each key gets the sum over all ranks' anchors
-        zk = gather_from_sequence_parallel_region(zk, tensor_parallel_output_grad=True, group=layout.tp_group)
+        xk = gather_from_sequence_parallel_region(xk, tensor_parallel_output_grad=True, group=layout.tp_group)
     if layout.cp > 1:
-        zk = gather_from_sequence_parallel_region(zk, tensor_parallel_output_grad=True, group=layout.cp_group)
+        xk = gather_from_sequence_parallel_region(xk, tensor_parallel_output_grad=True, group=layout.cp_group)
         yk = _all_gather_seq(yk, layout.cp_group, dim=1)
         vk = _all_gather_seq(vk, layout.cp_group, dim=1)
         pk = _all_gather_seq(pk, layout.cp_group, dim=0)
-    return simreg_per_token(zq, yq, vq, keys=(zk.transpose(0, 1), yk, vk), q_positions=pq, k_positions=pk, **kw)
+    return simreg_per_token(xq, yq, vq, keys=(xk.transpose(0, 1), yk, vk), q_positions=pq, k_positions=pk, **kw)
 
 
 def pairing_segments(seq_len: int, config: SimRegConfig, tp: int = 1, cp: int = 1, sequence_parallel: bool = False):
@@ -187,18 +192,20 @@ def pairing_segments(seq_len: int, config: SimRegConfig, tp: int = 1, cp: int = 
 
 
 def count_step_anchors(labels, loss_masks=None, config: Optional[SimRegConfig] = None, *, tp: int = 1, cp: int = 1,
-                       sequence_parallel: bool = False, ignore_index: int = -100) -> int:
+                       sequence_parallel: bool = False, ignore_index: int = -100) -> torch.Tensor:
     """SimReg anchors of a batch given as full sequences, for ``begin_step``.
 
     ``labels``: a ``[b, s]`` tensor or a list of them (one per micro-batch),
-    in natural position order; ``loss_masks`` likewise or ``None``. Sum the
-    result over data-parallel ranks for the global batch.
+    in natural position order; ``loss_masks`` likewise or ``None``. Returns a
+    0-dim int64 tensor on the labels' device (GPU labels: no host sync). Sum
+    the result over data-parallel ranks for the global batch.
     """
     config = config or SimRegConfig()
     labels = labels if isinstance(labels, (list, tuple)) else [labels]
     masks = loss_masks if isinstance(loss_masks, (list, tuple)) else [loss_masks] * len(labels)
-    total = 0
+    total, segments = 0, {}
     for y, m in zip(labels, masks):
-        seg = pairing_segments(y.shape[1], config, tp, cp, sequence_parallel)
-        total += count_anchors(y, valid_tokens(y, m, ignore_index), seg)
+        if y.shape[1] not in segments:
+            segments[y.shape[1]] = pairing_segments(y.shape[1], config, tp, cp, sequence_parallel)
+        total = total + count_anchors(y, valid_tokens(y, m, ignore_index), segments[y.shape[1]])
     return total

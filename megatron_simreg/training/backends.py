@@ -204,8 +204,10 @@ class DeepSpeedBackend:
         self.engine.train()
         # DeepSpeed divides the main loss by the accumulation steps; the
         # auxiliary losses bypass that division, so scale them here.
-        STEP.num_microbatches, STEP.loss_scale = len(microbatches), 1.0
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / len(microbatches))
+        STEP.num_microbatches, STEP.grad_scale_func = len(microbatches), None
+        # on the model's device: Megatron multiplies the aux-loss gradient by it in backward
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), 1.0 / len(microbatches), device=dev))
         local = torch.zeros(2)
         for mb in microbatches:
             per_token = _forward(self.engine, mb)

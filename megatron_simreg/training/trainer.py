@@ -212,9 +212,9 @@ def run(args) -> dict:
             full = batches.full(it)
             if simreg is not None:
                 anchors, ntok = _all_sum([
-                    count_step_anchors([mb["labels"] for mb in full], [mb["loss_mask"] for mb in full], simreg,
-                                       tp=args.tensor_model_parallel_size, cp=args.context_parallel_size,
-                                       sequence_parallel=args.sequence_parallel),
+                    int(count_step_anchors([mb["labels"] for mb in full], [mb["loss_mask"] for mb in full], simreg,
+                                           tp=args.tensor_model_parallel_size, cp=args.context_parallel_size,
+                                           sequence_parallel=args.sequence_parallel)),
                     sum(float(mb["loss_mask"].sum()) for mb in full)], dp_group)
                 begin_step(num_anchors=int(anchors), num_tokens=int(ntok))
             lr = backend.lr  # the rate this iteration uses; the step advances the schedule
