@@ -37,3 +37,12 @@ def test_example_runs():
 def test_bench_loss_runs():
     out = run("tools/bench_loss.py", "--seq", "64", "--hidden", "16", "--repeats", "1")
     assert "| 64 | 16 | naive |" in out and "| 64 | 16 | blockwise |" in out
+
+
+def test_bench_megatron_profiles_what_the_regularizer_adds():
+    out = run("tools/bench_megatron.py", "--preset", "cpu-test", "--variants", "baseline", "simreg",
+              "--iters", "1", "--warmup", "0", "--profile", "3")
+    assert "| baseline |" in out and "| simreg |" in out and "failed" not in out
+    table = out.split("simreg vs baseline")[1].splitlines()
+    assert table[1] == "| operator | calls | self host ms |"
+    assert len([line for line in table if line.startswith("| `")]) == 3

@@ -8,8 +8,14 @@ forward + backward over the micro-batches through Megatron's
 ``get_forward_backward_func`` (no optimizer), median of ``--iters`` after
 ``--warmup``.
 
+``--profile K`` also profiles one step per variant (``torch.profiler``) and
+prints, for each regularized variant, the K operators whose self time grew
+most over the baseline's: what the regularizer adds, operator by operator
+(device time on a GPU, host time always, so host-side syncs show too).
+
     python tools/bench_megatron.py                        # CPU tiny config
     python tools/bench_megatron.py --preset gpu-1b        # 1B-class, seq 4096, bf16, on a GPU
+    python tools/bench_megatron.py --preset gpu-1b --variants baseline simreg --profile 15
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import sys
 import time
 
 PRESETS = {
+    "cpu-test": dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=512, seq_length=128,
+                     micro_batch_size=2, num_microbatches=2, dtype="fp32"),  # the tool's own test
     "cpu-tiny": dict(num_layers=4, hidden_size=256, num_attention_heads=8, vocab_size=4096, seq_length=512,
                      micro_batch_size=4, num_microbatches=1, dtype="fp32"),
     "gpu-small": dict(num_layers=8, hidden_size=1024, num_attention_heads=16, vocab_size=32768, seq_length=2048,
@@ -106,19 +114,55 @@ def worker(args) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    ops = profile_ops(step, on_gpu) if args.profile else None
     dist.destroy_process_group()
     params = sum(x.numel() for x in model.parameters())
     return {"variant": args.variant, "ms": 1e3 * statistics.median(times), "peak_mib": (peak - base) / 2**20,
-            "params": params}
+            "params": params, "ops": ops}
+
+
+def profile_ops(step, on_gpu: bool) -> dict:
+    """``{op name: [calls, self host us, self device us]}`` over one profiled step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        step()
+    ops = {}
+    for e in prof.key_averages():
+        device_us = getattr(e, "self_device_time_total", None)
+        if device_us is None:  # torch < 2.4
+            device_us = getattr(e, "self_cuda_time_total", 0)
+        ops[e.key] = [e.count, e.self_cpu_time_total, device_us if on_gpu else 0.0]
+    return ops
+
+
+def print_profile_deltas(base: dict, r: dict, k: int, on_gpu: bool) -> None:
+    """The ``k`` operators whose self time (device time on a GPU) grew most from ``base`` to ``r``."""
+    col = 2 if on_gpu else 1
+    zero = [0, 0.0, 0.0]
+    rows = []
+    for name in set(base["ops"]) | set(r["ops"]):
+        a, b = base["ops"].get(name, zero), r["ops"].get(name, zero)
+        rows.append((b[col] - a[col], name, b[0] - a[0], b[1] - a[1], b[2] - a[2]))
+    rows.sort(reverse=True)
+    print(f"\n{r['variant']} vs baseline, one profiled step: the {k} operators whose self "
+          f"{'device' if on_gpu else 'host'} time grew most")
+    print("| operator | calls | self host ms |" + (" self device ms |" if on_gpu else ""))
+    print("|---|---:|---:|" + ("---:|" if on_gpu else ""))
+    for _, name, calls, host, dev in rows[:k]:
+        print(f"| `{name[:60]}` | {calls:+d} | {host / 1e3:+.2f} |" + (f" {dev / 1e3:+.2f} |" if on_gpu else ""))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--impl", default="auto", choices=["auto", "naive", "blockwise"])
+    ap.add_argument("--impl", default="auto", choices=["auto", "naive", "blockwise", "triton"])
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="profile one step per variant; print the K operators that grew most over the baseline")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=29511, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -134,7 +178,9 @@ def main() -> int:
           f"device={torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} threads={torch.get_num_threads()}")
     print("| variant | step ms | overhead vs baseline | extra peak MiB |")
     print("|---|---:|---:|---:|")
-    base = None
+    if args.profile and "baseline" not in args.variants:
+        ap.error("--profile compares with the baseline: include 'baseline' in --variants")
+    base, results = None, []
     for i, v in enumerate(args.variants):
         cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", v, "--port", str(29511 + i)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=WORKER_ENV)
@@ -145,6 +191,11 @@ def main() -> int:
         base = r if v == "baseline" else base
         over = f"{100 * (r['ms'] / base['ms'] - 1):+.1f}%" if base else "-"
         print(f"| {v} | {r['ms']:.1f} | {over} | {r['peak_mib']:.0f} |", flush=True)
+        results.append(r)
+    if args.profile and base is not None:
+        for r in results:
+            if r is not base:
+                print_profile_deltas(base, r, args.profile, torch.cuda.is_available())
     return 0
 
 
