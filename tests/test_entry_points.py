@@ -1,8 +1,11 @@
 """The demo, the example and the benchmark run (tiny sizes; they are smoke tests, not timings)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +49,16 @@ def test_bench_megatron_profiles_what_the_regularizer_adds():
     table = out.split("simreg vs baseline")[1].splitlines()
     assert table[1] == "| operator | calls | self host ms |"
     assert len([line for line in table if line.startswith("| `")]) == 3
+
+
+def test_bench_triton_configs_checks_every_configuration_under_the_interpreter():
+    pytest.importorskip("triton", reason="the Triton kernel's benchmark needs the triton package")
+    out = subprocess.run(
+        [sys.executable, "tools/bench_triton_configs.py", "--device", "cpu", "--seq", "40", "--hidden", "24",
+         "--block-m", "16", "--block-n", "16", "32", "--block-k", "16", "--warps", "4", "--stages", "1",
+         "--dtype", "fp32", "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| 16 |")]
+    assert len(rows) == 4 + 2  # 2 tiles x 2 split rules forward, 2 tiles backward
+    assert all(float(r[-2]) < 1e-5 for r in rows)  # error against naive fp32

@@ -78,6 +78,10 @@ BWD_CONFIG = {
     2: dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
     4: dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
 }
+# The compiled kernels of the latest launches ("fwd", "bwd"; None under the
+# interpreter): tools/bench_triton_configs.py reports their registers,
+# spills and shared memory.
+LAST_LAUNCH: dict = {}
 
 
 @triton.jit
@@ -320,7 +324,7 @@ class TritonSimReg(torch.autograd.Function):
         psum = torch.empty_like(lse)
         npos = torch.empty(splits, b, sq, device=xq.device, dtype=torch.int32)
         inv_tau = 1.0 / float(temperature)
-        _simreg_fwd_kernel[(triton.cdiv(sq, bm), splits, b)](
+        LAST_LAUNCH["fwd"] = _simreg_fwd_kernel[(triton.cdiv(sq, bm), splits, b)](
             xq, rq, yq, pq, cq, xk, rk, yk, pk, ck, lse, psum, npos,
             sq, sk, h, xq.stride(0), xq.stride(1), xk.stride(0), xk.stride(1),
             inv_tau,
@@ -371,7 +375,7 @@ class TritonSimReg(torch.autograd.Function):
         for r0 in range(0, sq, rows):
             r1 = min(r0 + rows, sq)
             slab = torch.empty(b, r1 - r0, sk, device=xq.device, dtype=buf_dtype)
-            _simreg_bwd_kernel[(triton.cdiv(r1 - r0, bm), triton.cdiv(sk, bn), b)](
+            LAST_LAUNCH["bwd"] = _simreg_bwd_kernel[(triton.cdiv(r1 - r0, bm), triton.cdiv(sk, bn), b)](
                 xq, rq, yq, pq, cq, xk, rk, yk, pk, ck, lse, w, inv_np, slab,
                 sq, sk, h, r0, r1,
                 xq.stride(0), xq.stride(1), xk.stride(0), xk.stride(1), slab.stride(0), slab.stride(1),
