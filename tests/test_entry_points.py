@@ -47,6 +47,7 @@ def test_bench_megatron_profiles_what_the_regularizer_adds():
               "--iters", "1", "--warmup", "0", "--profile", "3")
     assert "| baseline |" in out and "| simreg |" in out and "failed" not in out
     table = out.split("simreg vs baseline")[1].splitlines()
+    assert "operator calls" in table[0]
     assert table[1] == "| operator | calls | self host ms |"
     assert len([line for line in table if line.startswith("| `")]) == 3
 

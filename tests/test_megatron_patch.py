@@ -305,3 +305,48 @@ def _packed(rank, world):
 
 def test_packed_sequences_are_refused():
     assert "packed sequences" in run_distributed(_packed, 1, timeout=120)[0]
+
+
+# Operators that read a tensor's value on the host: on a GPU each one waits for the device.
+HOST_SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::_unique2",
+                 "aten::unique_dim", "aten::unique_consecutive", "aten::masked_select")
+
+
+def _host_sync_ops(rank, world, mode):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_simreg.megatron import apply_to_megatron, begin_step, count_step_anchors, undo_megatron_patch
+
+    model, _ = build_tiny_gpt()
+    ids, labels, mask = global_batch()
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    simreg = ms.SimRegConfig(mode=mode)
+
+    def step(patched):
+        def forward_step(data_iterator, model):
+            i = next(data_iterator)
+            out = model(ids[i:i + 2], pos[i:i + 2], None, labels=labels[i:i + 2], loss_mask=mask[i:i + 2])
+            return out, lambda t: (t.sum(), {})
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            if patched:  # the driver's anchor count is part of the step
+                begin_step(num_anchors=count_step_anchors([labels[:2], labels[2:]], [mask[:2], mask[2:]], simreg))
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([0, 2]), model=[model],
+                                        num_microbatches=2, seq_length=ids.shape[1], micro_batch_size=2,
+                                        forward_only=False)
+        return {e.key: e.count for e in prof.key_averages() if e.key in HOST_SYNC_OPS}
+
+    plain = step(False)
+    apply_to_megatron(simreg=simreg, jreg=ms.JRegConfig(weighting="layer_weighted"))
+    try:
+        return plain, step(True)
+    finally:
+        undo_megatron_patch()
+
+
+@pytest.mark.parametrize("mode", ["exact", "shard_local"])
+def test_regularized_step_adds_no_host_sync(mode):
+    """On a GPU a host read of a device value stalls the launch queue; the regularizers add none to the step."""
+    plain, patched = run_distributed(_host_sync_ops, 1, args=(mode,), timeout=120)[0]
+    assert patched == plain

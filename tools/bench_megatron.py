@@ -6,12 +6,14 @@ own subprocess so peak memory is its own: on CPU the rise of ``ru_maxrss``
 over the built model, on GPU ``torch.cuda.max_memory_allocated``. A step is
 forward + backward over the micro-batches through Megatron's
 ``get_forward_backward_func`` (no optimizer), median of ``--iters`` after
-``--warmup``.
+``--warmup``; ``--rounds R`` repeats the variants R times, interleaved, and
+reports medians (a shared machine's slow spells then hit every variant).
 
 ``--profile K`` also profiles one step per variant (``torch.profiler``) and
-prints, for each regularized variant, the K operators whose self time grew
-most over the baseline's: what the regularizer adds, operator by operator
-(device time on a GPU, host time always, so host-side syncs show too).
+prints, for each regularized variant, what the regularizer adds: the
+operators whose call count differs from the baseline's, their total calls and
+self time, and the K costliest (device time on a GPU, host time always, so
+host-side syncs such as ``aten::item`` show too).
 
     python tools/bench_megatron.py                        # CPU tiny config
     python tools/bench_megatron.py --preset gpu-1b        # 1B-class, seq 4096, bf16, on a GPU
@@ -138,20 +140,28 @@ def profile_ops(step, on_gpu: bool) -> dict:
 
 
 def print_profile_deltas(base: dict, r: dict, k: int, on_gpu: bool) -> None:
-    """The ``k`` operators whose self time (device time on a GPU) grew most from ``base`` to ``r``."""
+    """The regularizer's operators: those called more (or less) often than in ``base``, by added self time.
+
+    Operators whose call count is unchanged (the model's own) are left out: on a
+    shared machine their time moves by more than the regularizer costs.
+    """
     col = 2 if on_gpu else 1
     zero = [0, 0.0, 0.0]
     rows = []
     for name in set(base["ops"]) | set(r["ops"]):
         a, b = base["ops"].get(name, zero), r["ops"].get(name, zero)
-        rows.append((b[col] - a[col], name, b[0] - a[0], b[1] - a[1], b[2] - a[2]))
+        if b[0] != a[0]:
+            rows.append((b[col] - a[col], name, b[0] - a[0], b[1] - a[1], b[2] - a[2]))
     rows.sort(reverse=True)
-    print(f"\n{r['variant']} vs baseline, one profiled step: the {k} operators whose self "
-          f"{'device' if on_gpu else 'host'} time grew most")
+    calls = sum(row[2] for row in rows)
+    host, dev = sum(row[3] for row in rows) / 1e3, sum(row[4] for row in rows) / 1e3
+    print(f"\n{r['variant']} vs baseline, one profiled step: {calls:+d} operator calls, {host:+.2f} ms self host time"
+          + (f", {dev:+.2f} ms self device time" if on_gpu else "")
+          + f" in operators whose call count changed; the top {k}:")
     print("| operator | calls | self host ms |" + (" self device ms |" if on_gpu else ""))
     print("|---|---:|---:|" + ("---:|" if on_gpu else ""))
-    for _, name, calls, host, dev in rows[:k]:
-        print(f"| `{name[:60]}` | {calls:+d} | {host / 1e3:+.2f} |" + (f" {dev / 1e3:+.2f} |" if on_gpu else ""))
+    for _, name, n, h, d in rows[:k]:
+        print(f"| `{name[:60]}` | {n:+d} | {h / 1e3:+.2f} |" + (f" {d / 1e3:+.2f} |" if on_gpu else ""))
 
 
 def main() -> int:
@@ -161,6 +171,7 @@ def main() -> int:
     ap.add_argument("--impl", default="auto", choices=["auto", "naive", "blockwise", "triton"])
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="run the variants this many times, interleaved")
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="profile one step per variant; print the K operators that grew most over the baseline")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -176,22 +187,33 @@ def main() -> int:
     p = PRESETS[args.preset]
     print(f"# bench_megatron: preset={args.preset} {p} impl={args.impl} torch={torch.__version__} "
           f"device={torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} threads={torch.get_num_threads()}")
-    print("| variant | step ms | overhead vs baseline | extra peak MiB |")
-    print("|---|---:|---:|---:|")
     if args.profile and "baseline" not in args.variants:
         ap.error("--profile compares with the baseline: include 'baseline' in --variants")
-    base, results = None, []
-    for i, v in enumerate(args.variants):
-        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", v, "--port", str(29511 + i)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=WORKER_ENV)
-        if out.returncode != 0:
-            print(f"| {v} | failed: {out.stderr.strip().splitlines()[-1:]} | | |", flush=True)
+    runs = {v: [] for v in args.variants}
+    errors = {}
+    for _ in range(args.rounds):  # interleaved, so that a slow spell of the machine hits every variant
+        for i, v in enumerate(args.variants):
+            cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", v, "--port", str(29511 + i)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=WORKER_ENV)
+            if out.returncode != 0:
+                errors[v] = out.stderr.strip().splitlines()[-1:]
+                continue
+            runs[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if args.rounds > 1:
+        print(f"# {args.rounds} rounds: step ms is the median over rounds, overhead the median of each round's "
+              "ratio to that round's baseline")
+    print("| variant | step ms | overhead vs baseline | extra peak MiB |")
+    print("|---|---:|---:|---:|")
+    base_runs = runs.get("baseline", [])
+    for v, rs in runs.items():
+        if v in errors:
+            print(f"| {v} | failed: {errors[v]} | | |")
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        base = r if v == "baseline" else base
-        over = f"{100 * (r['ms'] / base['ms'] - 1):+.1f}%" if base else "-"
-        print(f"| {v} | {r['ms']:.1f} | {over} | {r['peak_mib']:.0f} |", flush=True)
-        results.append(r)
+        ratios = [r["ms"] / b["ms"] - 1 for r, b in zip(rs, base_runs)]
+        over = f"{100 * statistics.median(ratios):+.1f}%" if len(ratios) == len(rs) else "-"
+        print(f"| {v} | {statistics.median(r['ms'] for r in rs):.1f} | {over} | {max(r['peak_mib'] for r in rs):.0f} |")
+    base = base_runs[0] if base_runs and "baseline" not in errors else None
+    results = [rs[0] for v, rs in runs.items() if rs and v not in errors]
     if args.profile and base is not None:
         for r in results:
             if r is not base:

@@ -99,16 +99,20 @@ def _all_gather_seq(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _shard_runs(positions: torch.Tensor, cp_chunk: int) -> List[slice]:
-    """Split local indices into runs of consecutive positions within one CP zigzag chunk.
+def _shard_runs(local: slice, s_cp: int, cp: int) -> List[slice]:
+    """This rank's runs of consecutive positions within one zigzag chunk, as slices of its local tokens.
 
-    The two chunks of a CP rank can be adjacent (chunks 1 and 2 of 4), so
-    runs also break where the chunk index ``position // cp_chunk`` changes.
+    The CP-local sequence is two zigzag chunks of ``s_cp / 2`` (one chunk
+    without CP); ``local`` is the part this rank holds. Computed from sizes
+    alone: reading position values would wait for the device on a GPU.
     """
-    chunk = positions // cp_chunk
-    breaks = (torch.nonzero((positions[1:] != positions[:-1] + 1) | (chunk[1:] != chunk[:-1])).flatten() + 1)
-    edges = [0, *breaks.tolist(), positions.numel()]
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    bounds = [0, s_cp // 2, s_cp] if cp > 1 else [0, s_cp]
+    runs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        lo, hi = max(a, local.start), min(b, local.stop)
+        if lo < hi:
+            runs.append(slice(lo - local.start, hi - local.start))
+    return runs
 
 
 def parallel_simreg_terms(
@@ -147,7 +151,7 @@ def parallel_simreg_terms(
     kw = dict(temperature=config.temperature, chunk_size=config.chunk_size, impl=config.impl, norm_eps=NORM_EPS)
 
     if config.mode == "shard_local":
-        runs = _shard_runs(pq, s_cp // 2 if layout.cp > 1 else s_cp)
+        runs = _shard_runs(local, s_cp, layout.cp)
         parts = [simreg_per_token(xq[:, r], yq[:, r], vq[:, r], q_positions=pq[r], **kw) for r in runs]
         return SimRegTerms(torch.cat([p.per_token for p in parts], 1), torch.cat([p.anchors for p in parts], 1))
 
