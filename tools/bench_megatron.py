@@ -173,10 +173,13 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="run the variants this many times, interleaved")
     ap.add_argument("--profile", type=int, default=0, metavar="K",
-                    help="profile one step per variant; print the K operators that grew most over the baseline")
+                    help="profile one step per variant; print what each regularizer adds over the baseline "
+                         "(operators whose call count changed, the K costliest)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=29511, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile and "baseline" not in args.variants:
+        ap.error("--profile compares with the baseline: include 'baseline' in --variants")
     if args.worker:
         args.variant, args.preset = args.worker, PRESETS[args.preset]
         print(json.dumps(worker(args)))
@@ -187,8 +190,6 @@ def main() -> int:
     p = PRESETS[args.preset]
     print(f"# bench_megatron: preset={args.preset} {p} impl={args.impl} torch={torch.__version__} "
           f"device={torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} threads={torch.get_num_threads()}")
-    if args.profile and "baseline" not in args.variants:
-        ap.error("--profile compares with the baseline: include 'baseline' in --variants")
     runs = {v: [] for v in args.variants}
     errors = {}
     for _ in range(args.rounds):  # interleaved, so that a slow spell of the machine hits every variant
