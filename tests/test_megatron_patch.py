@@ -165,6 +165,21 @@ def test_grad_scale_func_scales_the_regularizers_like_the_lm_loss():
     assert_grads_match({k: g / 4.0 for k, g in out["grads"].items()}, ref["grads"])
 
 
+def test_begin_step_keeps_host_counts_on_the_host():
+    """An int count stays a Python number (a per-micro-batch host-to-device copy would sync); tensors keep theirs."""
+    from megatron_simreg.megatron.step import STEP, count_factor
+
+    ms.megatron.begin_step(num_anchors=7, num_tokens=torch.tensor(9))
+    try:
+        like = torch.zeros((), dtype=torch.float64)
+        assert count_factor(STEP.num_anchors, like, minimum=1) == 7.0 and isinstance(STEP.num_anchors, int)
+        tokens = count_factor(STEP.num_tokens, like)
+        assert isinstance(tokens, torch.Tensor) and tokens.dtype == torch.float64 and tokens.item() == 9
+        assert count_factor(0, like, minimum=1) == 1.0
+    finally:
+        ms.megatron.end_step()
+
+
 def test_dense_tp2_sp():
     ref = reference()
     outs = run_patched(tp=2, sp=True)

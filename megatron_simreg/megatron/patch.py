@@ -37,7 +37,7 @@ from ..config import JRegConfig, SimRegConfig
 from ..losses.jreg import layer_distance_sums, layer_weights
 from ..parallel.simreg_parallel import ShardLayout, parallel_simreg_terms
 from . import compat, tracker
-from .step import STEP, RegLossAutoScaler, loss_scale, wrap_forward_step
+from .step import STEP, RegLossAutoScaler, count_factor, loss_scale, wrap_forward_step
 
 MARKER = "_megatron_simreg_patched"
 
@@ -182,10 +182,9 @@ def _simreg_term(model, hidden, labels, loss_mask, cfg: SimRegConfig, n_tok_mb, 
         )
     from megatron.core import parallel_state as ps
 
-    dev = loss_sum.device
-    factor = (STEP.num_tokens.to(dev, loss_sum.dtype) if per_token
+    factor = (count_factor(STEP.num_tokens, loss_sum) if per_token
               else ps.get_data_parallel_world_size(with_context_parallel=True))
-    return cfg.weight * loss_sum * factor / STEP.num_anchors.to(dev, loss_sum.dtype).clamp_min(1)
+    return cfg.weight * loss_sum * factor / count_factor(STEP.num_anchors, loss_sum, minimum=1)
 
 
 def _attach(model, out, cap: _Capture, labels, loss_mask):

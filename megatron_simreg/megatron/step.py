@@ -42,7 +42,7 @@ nothing and mirrors the MoE aux loss: a mean of per-micro-batch anchor means.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -68,9 +68,9 @@ class StepState:
     num_microbatches: int = 1
     # Megatron's config.grad_scale_func (the optimizer's loss scaling), or None for a scale of 1.
     grad_scale_func: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    # Global-batch counts (0-dim tensors, on the GPU when the caller counted there: no host sync).
-    num_anchors: Optional[torch.Tensor] = None  # for SimReg "global_batch"
-    num_tokens: Optional[torch.Tensor] = None  # for calculate_per_token_loss
+    # Global-batch counts: Python numbers, or 0-dim tensors (on the GPU when the caller counted there).
+    num_anchors: Union[int, torch.Tensor, None] = None  # for SimReg "global_batch"
+    num_tokens: Union[int, torch.Tensor, None] = None  # for calculate_per_token_loss
 
 
 STEP = StepState()
@@ -82,12 +82,29 @@ def begin_step(num_anchors=None, num_tokens=None) -> None:
     Call once per training step, before ``forward_backward_func``, with the
     counts summed over all micro-batches and data-parallel ranks
     (:func:`megatron_simreg.megatron.count_step_anchors` computes them).
-    Ints or 0-dim tensors; a GPU tensor stays on the GPU, so counting on the
-    device costs no host sync. ``num_tokens`` is needed only with
+    Ints or 0-dim tensors: a GPU tensor stays on the GPU (counting on the
+    device costs no host sync) and an int stays on the host (no
+    host-to-device copy per micro-batch). ``num_tokens`` is needed only with
     ``calculate_per_token_loss``.
     """
-    STEP.num_anchors = None if num_anchors is None else torch.as_tensor(num_anchors).detach()
-    STEP.num_tokens = None if num_tokens is None else torch.as_tensor(num_tokens).detach()
+    STEP.num_anchors = _keep(num_anchors)
+    STEP.num_tokens = _keep(num_tokens)
+
+
+def _keep(count):
+    # A host number stays a Python number: copying it to the GPU in every
+    # micro-batch would be a synchronizing host-to-device copy.
+    if count is None or not isinstance(count, torch.Tensor):
+        return count
+    return count.detach()
+
+
+def count_factor(count, like: torch.Tensor, minimum: Optional[int] = None):
+    """A ``begin_step`` count as a multiplier of ``like``: a tensor on its device and dtype, or a Python float."""
+    if isinstance(count, torch.Tensor):
+        count = count.to(like.device, like.dtype)
+        return count if minimum is None else count.clamp_min(minimum)
+    return float(count if minimum is None else max(count, minimum))
 
 
 def loss_scale(device: torch.device):

@@ -30,6 +30,7 @@ Modes (``SimRegConfig.mode``):
 
 from __future__ import annotations
 
+import functools
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -207,9 +208,15 @@ def count_step_anchors(labels, loss_masks=None, config: Optional[SimRegConfig] =
     config = config or SimRegConfig()
     labels = labels if isinstance(labels, (list, tuple)) else [labels]
     masks = loss_masks if isinstance(loss_masks, (list, tuple)) else [loss_masks] * len(labels)
-    total, segments = 0, {}
+    total = 0
     for y, m in zip(labels, masks):
-        if y.shape[1] not in segments:
-            segments[y.shape[1]] = pairing_segments(y.shape[1], config, tp, cp, sequence_parallel)
-        total = total + count_anchors(y, valid_tokens(y, m, ignore_index), segments[y.shape[1]])
+        seg = _device_segments(y.shape[1], config.chunk_size, config.mode, tp, cp, sequence_parallel, y.device)
+        total = total + count_anchors(y, valid_tokens(y, m, ignore_index), seg)
     return total
+
+
+@functools.lru_cache(maxsize=32)
+def _device_segments(seq_len, chunk_size, mode, tp, cp, sequence_parallel, device) -> torch.Tensor:
+    # Cached on the labels' device: a host-to-device copy every step would synchronize.
+    config = SimRegConfig(chunk_size=chunk_size, mode=mode)
+    return pairing_segments(seq_len, config, tp, cp, sequence_parallel).to(device)
