@@ -152,6 +152,8 @@ def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout):
     w_all = layer_weights(model.config.num_layers, cfg.weighting, cfg.power).tolist()
     # Zero-weight layers add nothing to R or its gradient: skip them (all but one layer for "final").
     pairs = [i for i, (n, _) in enumerate(cap.layer_outputs) if w_all[n - 1] != 0.0]
+    if not pairs:  # a pipeline stage without weighted layers (the whole TP/CP group agrees): nothing to add or log
+        return None
     sums, count = layer_distance_sums(states, mask, metric=cfg.metric, pairs=pairs)
     weights = [w_all[cap.layer_outputs[i][0] - 1] for i in pairs]
     weighted = sum((w * d for w, d in zip(weights, sums)), sums.new_zeros(()))

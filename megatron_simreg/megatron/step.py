@@ -87,16 +87,9 @@ def begin_step(num_anchors=None, num_tokens=None) -> None:
     host-to-device copy per micro-batch). ``num_tokens`` is needed only with
     ``calculate_per_token_loss``.
     """
-    STEP.num_anchors = _keep(num_anchors)
-    STEP.num_tokens = _keep(num_tokens)
-
-
-def _keep(count):
-    # A host number stays a Python number: copying it to the GPU in every
-    # micro-batch would be a synchronizing host-to-device copy.
-    if count is None or not isinstance(count, torch.Tensor):
-        return count
-    return count.detach()
+    # An int stays a Python number: copying it to the GPU in every micro-batch would synchronize.
+    STEP.num_anchors = num_anchors.detach() if isinstance(num_anchors, torch.Tensor) else num_anchors
+    STEP.num_tokens = num_tokens.detach() if isinstance(num_tokens, torch.Tensor) else num_tokens
 
 
 def count_factor(count, like: torch.Tensor, minimum: Optional[int] = None):
