@@ -8,6 +8,7 @@ gradient for every parameter (fp32, rel err < 1e-5).
 """
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -101,10 +102,22 @@ def _patched(rank, world, tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_t
 
         return out, loss_func
 
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=batches, model=[model], num_microbatches=num_micro,
-        seq_length=ids.shape[1], micro_batch_size=micro, forward_only=False,
-    )
+    ours = []  # all-reduces the package itself issues during the step (Megatron's own are not counted)
+    all_reduce = torch.distributed.all_reduce
+
+    def counting_all_reduce(*a, **k):
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("megatron_simreg"):
+            ours.append(1)
+        return all_reduce(*a, **k)
+
+    torch.distributed.all_reduce = counting_all_reduce
+    try:
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=batches, model=[model], num_microbatches=num_micro,
+            seq_length=ids.shape[1], micro_batch_size=micro, forward_only=False,
+        )
+    finally:
+        torch.distributed.all_reduce = all_reduce
     finalize_grads_no_ddp(model)
     dp_group = ps.get_data_parallel_group()
     for p in model.parameters():
@@ -124,7 +137,8 @@ def _patched(rank, world, tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_t
         lm = tot[0] / tot[1]
     logged = report_losses(pp_group=ps.get_pipeline_model_parallel_group(), dp_group=dp_group)
     missing = [n for n, p in model.named_parameters() if p.grad is None]
-    return {"lm": lm, "logged": logged, "grads": gather_full_grads(model), "missing_grads": missing}
+    return {"lm": lm, "logged": logged, "grads": gather_full_grads(model), "missing_grads": missing,
+            "step_all_reduces": len(ours)}
 
 
 def run_patched(tp=1, pp=1, sp=False, dp=1, num_experts=None, simreg_kw=None, jreg_kw=None, per_token=False,
@@ -182,9 +196,14 @@ def test_begin_step_keeps_host_counts_on_the_host():
 
 def test_dense_tp2_sp():
     ref = reference()
+    one = run_patched()[0]
     outs = run_patched(tp=2, sp=True)
     for out in outs:
         assert_grads_match(out["grads"], ref["grads"])
+        # the logged values add up the TP shares once per step, in report_losses, to the same numbers ...
+        assert out["logged"] == pytest.approx(one["logged"], rel=1e-5)
+        # ... so the step itself issues no all-reduce of the package's (global_batch normalization)
+        assert out["step_all_reduces"] == 0
 
 
 def test_dense_pp2():

@@ -181,3 +181,63 @@ def test_tokenizer_larger_than_the_checkpoint_vocabulary(tmp_path, cache):
                 cache=cache, expect_ok=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "the tokenizer has 8192 tokens but the model's vocabulary has only 4096" in out.stderr
+
+
+def test_comm_device_follows_the_backend(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from megatron_simreg.parallel.comm import comm_device
+
+    assert comm_device() == torch.device("cpu")  # not initialized
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert comm_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert comm_device() == torch.device("cpu")
+
+
+def test_host_values_are_reduced_on_the_comm_device(monkeypatch):
+    """NCCL reduces CUDA tensors only: the trainer's sums, stop flag and logged values travel on comm_device().
+
+    comm_device() is made to answer "meta", which no value starts on, and each
+    all-reduce records its tensor's device and stops the function there.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_simreg.megatron import tracker
+    from megatron_simreg.training import backends, trainer
+
+    class Reached(Exception):
+        pass
+
+    seen = []
+
+    def all_reduce(t, *args, **kwargs):
+        seen.append(t.device.type)
+        raise Reached
+
+    meta = lambda group=None: torch.device("meta")  # noqa: E731
+    for module in (trainer, backends, tracker):
+        monkeypatch.setattr(module, "comm_device", meta)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(ps, "get_pipeline_model_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(ps, "get_pipeline_model_parallel_group", lambda: None)
+    calls = [
+        lambda: trainer._all_sum([1, 2]),
+        trainer._signal_received,
+        lambda: backends._global_sums(torch.zeros(2)),
+    ]
+    for groups in [("tp",), ()]:  # the shares' reduce over TP/CP, then (no such groups) the pipeline's
+        calls.append(lambda groups=groups: (tracker.record("simreg", torch.tensor(1.0), torch.tensor(2.0), groups),
+                                            tracker.report(pp_group="pp")))
+    for call in calls:
+        with pytest.raises(Reached):
+            call()
+        tracker.clear()
+    assert seen == ["meta"] * len(calls)

@@ -157,8 +157,7 @@ def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout):
     sums, count = layer_distance_sums(states, mask, metric=cfg.metric, pairs=pairs)
     weights = [w_all[cap.layer_outputs[i][0] - 1] for i in pairs]
     weighted = sum((w * d for w, d in zip(weights, sums)), sums.new_zeros(()))
-    totals = _reduce_sum(torch.stack([weighted, count.to(weighted.dtype)]), layout)
-    tracker.record("jreg", totals[0] / totals[1].clamp_min(1))
+    tracker.record("jreg", weighted, count, layout.reduce_groups())  # reduced once per step, in report()
     if model.config.calculate_per_token_loss:
         return cfg.weight * weighted
     return cfg.weight * weighted / (n_tok_mb.clamp_min(1) * STEP.num_microbatches)
@@ -167,13 +166,13 @@ def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout):
 def _simreg_term(model, hidden, labels, loss_mask, cfg: SimRegConfig, n_tok_mb, layout):
     terms = parallel_simreg_terms(hidden, labels, loss_mask, cfg, layout)
     loss_sum = terms.loss_sum
-    totals = _reduce_sum(torch.stack([loss_sum, terms.num_anchors.to(loss_sum.dtype)]), layout)
-    tracker.record("simreg", totals[0] / totals[1].clamp_min(1))
+    tracker.record("simreg", loss_sum, terms.num_anchors, layout.reduce_groups())  # reduced once per step
     per_token = model.config.calculate_per_token_loss
-    if cfg.normalization == "micro_batch":
+    if cfg.normalization == "micro_batch":  # the gradient needs this micro-batch's anchor count
+        anchors = _reduce_sum(terms.num_anchors.to(loss_sum.dtype), layout).clamp_min(1)
         if per_token:
-            return cfg.weight * loss_sum * n_tok_mb / totals[1].clamp_min(1)
-        return cfg.weight * loss_sum * layout.cp / (totals[1].clamp_min(1) * STEP.num_microbatches)
+            return cfg.weight * loss_sum * n_tok_mb / anchors
+        return cfg.weight * loss_sum * layout.cp / (anchors * STEP.num_microbatches)
     if STEP.num_anchors is None or (per_token and STEP.num_tokens is None):
         raise RuntimeError(
             "SimReg normalization 'global_batch' needs the global batch's anchor count"

@@ -1,33 +1,52 @@
 """Logging of the regularizer values, like Megatron's MoE aux-loss tracker.
 
-Each micro-batch records its (already TP/CP-reduced) value per name; the
-trainer calls :func:`report` once per step: values are averaged over the
-step's micro-batches, summed over pipeline stages (JREG is split across
-stages, SimReg lives on the last one) and averaged over data-parallel ranks.
+Each micro-batch records this rank's share of its value per name, as a sum
+and a count; the trainer calls :func:`report` once per step. Shares are added
+up over the groups that split a sequence (TP under SP, CP) in one collective
+per name and step, not one per micro-batch; each micro-batch's value
+``sum / count`` is averaged over the step's micro-batches, summed over
+pipeline stages (JREG is split across stages, SimReg lives on the last one)
+and averaged over data-parallel ranks.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-_VALUES: Dict[str, List[torch.Tensor]] = {}
+from ..parallel.comm import comm_device
+
+_SHARES: Dict[str, List[torch.Tensor]] = {}  # name -> one [sum, count] per micro-batch
+_GROUPS: Dict[str, Sequence[dist.ProcessGroup]] = {}
 
 
-def record(name: str, value: torch.Tensor) -> None:
-    _VALUES.setdefault(name, []).append(value.detach().float().reshape(()))
+def record(name: str, total: torch.Tensor, count: torch.Tensor, groups: Sequence[dist.ProcessGroup] = ()) -> None:
+    """Record one micro-batch: this rank's share of the sum and count; ``groups`` hold the other shares."""
+    _SHARES.setdefault(name, []).append(torch.stack([total.detach().float(), count.detach().float()]))
+    _GROUPS[name] = tuple(groups)
 
 
 def clear() -> None:
-    _VALUES.clear()
+    _SHARES.clear()
+    _GROUPS.clear()
 
 
 def report(names=("simreg", "jreg"), *, pp_group: Optional[dist.ProcessGroup] = None,
            dp_group: Optional[dist.ProcessGroup] = None) -> Dict[str, float]:
     """Per-step values ``{name: float}`` and reset. Every rank must call it (collectives)."""
-    local = torch.stack([torch.stack(_VALUES[n]).mean() if _VALUES.get(n) else torch.zeros(()) for n in names])
+    device = comm_device()
+    values = []
+    for name in names:  # ranks sharing a sequence run the same stage: they record the same names
+        if not _SHARES.get(name):
+            values.append(torch.zeros((), device=device))
+            continue
+        shares = torch.stack(_SHARES[name]).to(device)  # [micro-batches, 2]
+        for group in _GROUPS[name]:
+            dist.all_reduce(shares, group=group)
+        values.append((shares[:, 0] / shares[:, 1].clamp_min(1)).mean())
+    local = torch.stack(values)
     if dist.is_available() and dist.is_initialized():
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
             dist.all_reduce(local, group=pp_group)

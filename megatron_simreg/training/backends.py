@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..megatron.step import STEP
+from ..parallel.comm import comm_device
 
 
 def _lm_loss_func(mb):
@@ -39,14 +40,15 @@ def _forward(model, mb):
 
 
 def _global_sums(local: torch.Tensor) -> torch.Tensor:
-    """Sum ``[lm_sum, n_tok]`` over the last PP stage and all DP x CP ranks, then share with every rank."""
+    """Sum ``[lm_sum, n_tok]`` over the last PP stage and all DP x CP ranks; every rank gets it, on the CPU."""
     from megatron.core import parallel_state as ps
 
+    local = local.detach().to(comm_device(), torch.float32, copy=True)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(local, group=ps.get_pipeline_model_parallel_group())  # other stages contribute zeros
     if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
         dist.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return local
+    return local.cpu()
 
 
 def _scheduler(optimizer, args):
@@ -97,8 +99,7 @@ class MegatronBackend:
             num_microbatches=len(microbatches), seq_length=mb0["tokens"].shape[1],
             micro_batch_size=mb0["tokens"].shape[0], forward_only=forward_only,
         )
-        local = torch.stack([x["lm"] for x in out]).sum(0) if out else torch.zeros(2)
-        return _global_sums(local.detach().float().cpu().clone())
+        return _global_sums(torch.stack([x["lm"] for x in out]).sum(0) if out else torch.zeros(2))
 
     def train_step(self, microbatches):
         self.model.train()
@@ -208,27 +209,27 @@ class DeepSpeedBackend:
         # on the model's device: Megatron multiplies the aux-loss gradient by it in backward
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), 1.0 / len(microbatches), device=dev))
-        local = torch.zeros(2)
+        sums = []  # kept on the device: a .cpu() per micro-batch would wait for it
         for mb in microbatches:
             per_token = _forward(self.engine, mb)
             mask = mb["loss_mask"].float()
             total = (per_token.float() * mask).sum()
             self.engine.backward(total / mask.sum().clamp_min(1))
             self.engine.step()
-            local += torch.stack([total.detach().cpu(), mask.sum().cpu()])
+            sums.append(torch.stack([total.detach(), mask.sum()]))
         self.scheduler.step(increment=1)
         grad_norm = self.engine.get_global_grad_norm()
-        return _global_sums(local), float(grad_norm) if grad_norm is not None else float("nan")
+        return _global_sums(torch.stack(sums).sum(0)), float(grad_norm) if grad_norm is not None else float("nan")
 
     @torch.no_grad()
     def eval_step(self, microbatches):
         self.engine.eval()
-        local = torch.zeros(2)
+        sums = []
         for mb in microbatches:
             per_token = _forward(self.engine, mb)
             mask = mb["loss_mask"].float()
-            local += torch.stack([(per_token.float() * mask).sum().cpu(), mask.sum().cpu()])
-        return _global_sums(local)
+            sums.append(torch.stack([(per_token.float() * mask).sum(), mask.sum()]))
+        return _global_sums(torch.stack(sums).sum(0))
 
     def write_checkpoint(self, directory: str) -> None:
         self.engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state",

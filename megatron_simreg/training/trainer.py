@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..config import JRegConfig, SimRegConfig
 from ..megatron.init import init_params_by_global_name
+from ..parallel.comm import comm_device
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter
 
@@ -132,7 +133,7 @@ class Batches:
 
 
 def _all_sum(values, group=None):
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device(group))
     if dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     return t.tolist()
@@ -273,7 +274,7 @@ def install_signal_handlers() -> None:
 
 def _signal_received() -> bool:
     """Whether any rank got a stop signal: ranks must agree on the iteration they stop at."""
-    flag = torch.tensor([1.0 if _SIGNALLED["flag"] else 0.0])
+    flag = torch.tensor([1.0 if _SIGNALLED["flag"] else 0.0], device=comm_device())
     if dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
