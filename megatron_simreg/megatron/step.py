@@ -87,7 +87,6 @@ def begin_step(num_anchors=None, num_tokens=None) -> None:
     host-to-device copy per micro-batch). ``num_tokens`` is needed only with
     ``calculate_per_token_loss``.
     """
-    # An int stays a Python number: copying it to the GPU in every micro-batch would synchronize.
     STEP.num_anchors = num_anchors.detach() if isinstance(num_anchors, torch.Tensor) else num_anchors
     STEP.num_tokens = num_tokens.detach() if isinstance(num_tokens, torch.Tensor) else num_tokens
 
