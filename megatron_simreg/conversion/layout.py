@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..megatron.param_names import local_spec_name
 
 class ConversionError(RuntimeError):
     """A model or checkpoint that cannot be converted faithfully; the message names why."""
@@ -225,10 +226,9 @@ def normalize_megatron_names(sd: Dict[str, torch.Tensor], num_experts: Optional[
     for k, t in sd.items():
         if k.endswith("_extra_state") or not isinstance(t, torch.Tensor):
             continue
-        k = k.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
-        k = k.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
         if k.endswith("layer_norm_bias"):
             raise ConversionError(f"{k}: a LayerNorm bias; only RMSNorm models can be converted")
+        k = local_spec_name(k)
         m = re.match(r"^(.*\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$", k)
         if m:  # TEGroupedMLP: experts.linear_fc1.weight{e}
             k = f"{m.group(1)}.local_experts.{m.group(3)}.{m.group(2)}.weight"

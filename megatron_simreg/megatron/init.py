@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .param_names import BIAS, NORM, OUTPUT_PROJ, param_role
 
 
 def global_param_names(model) -> Dict[str, str]:
@@ -93,12 +94,12 @@ def init_params_by_global_name(model, seed: int = 0, std: float = 0.02, num_laye
             full_shape[dim] *= world
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(gname.encode()))
             noise = torch.randn(full_shape, generator=gen, dtype=torch.float32)
-            is_norm = "layernorm" in gname or "norm." in gname
-            if gname.endswith(".bias"):
+            role = param_role(gname)  # sees TE's fused norm names (linear_qkv.layer_norm_weight)
+            if role == BIAS:
                 full = noise * std if perturb_norms else torch.zeros(full_shape)
-            elif is_norm:
+            elif role == NORM:
                 full = 1.0 + noise * std if perturb_norms else torch.ones(full_shape)
-            elif num_layers and ("linear_proj" in gname or "linear_fc2" in gname):
+            elif num_layers and role == OUTPUT_PROJ:
                 full = noise * (std / math.sqrt(2.0 * num_layers))
             else:
                 full = noise * std
