@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.multiprocessing as mp
 
-from megatron_simreg.training.launch import free_port
+from megatron_simreg.parallel.process import free_port
 
 # ----------------------------------------------------------------------------
 # process launching

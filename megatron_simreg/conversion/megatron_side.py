@@ -97,7 +97,7 @@ class SingleProcessMegatron:
 
         self.created_pg = False
         if not dist.is_initialized():
-            from ..training.launch import free_port
+            from ..parallel.process import free_port
 
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
             self.created_pg = True

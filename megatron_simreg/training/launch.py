@@ -8,14 +8,9 @@ this machine (gloo on CPU) with the usual environment variables.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..parallel.process import free_port
 
 
 def _child(rank: int, world: int, port: int, argv):

@@ -22,27 +22,13 @@ import torch.distributed as dist
 from ..config import JRegConfig, SimRegConfig
 from ..megatron.init import init_params_by_global_name
 from ..parallel.comm import comm_device
+from ..parallel.process import init_distributed
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter
 
 
 class TrainingStopped(RuntimeError):
     """A run stopped on purpose (NaN loss), after keeping its last good checkpoint."""
-
-
-def init_distributed() -> None:
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:  # a single process started by hand
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        from .launch import free_port
-
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
 
 
 def model_settings(args, vocab_size: int) -> dict:
