@@ -105,13 +105,45 @@ Adaptations (and why each is needed)
 6. ``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` (also imported by
    ``optimizer.optimizer``) asserts ``param.grad.type() ==
    'torch.cuda.FloatTensor'``; it is replaced by the same scaling without the
-   assertion. The (non-distributed) Megatron optimizer modules are also in
-   the device shim. The *distributed* optimizer is not adapted: it checks
-   ``torch.cuda.*Tensor`` types in many places; on CPU use DeepSpeed ZeRO.
+   assertion. The Megatron optimizer modules (``optimizer``,
+   ``clip_grads``, ``distrib_optimizer``) are also in the device shim (1):
+   ``found_inf``, the bf16 unit loss scale ``_scale_one``, the grad-norm
+   all-reduce buffer and the distributed optimizer's state gather/scatter
+   buffers are made with ``device="cuda"`` / ``torch.cuda.current_device()``.
 
-Not adapted: dist-checkpointing (``megatron.core.dist_checkpointing``
-still calls ``torch.cuda.synchronize`` / ``device="cuda"``; save CPU runs
-with ``torch.save(model.state_dict())``), cudagraphs, TE / apex paths,
+7. CUDA tensor-type names in the optimizers' constructors.
+   ``Float16OptimizerWithFloat16Params.__init__`` (optimizer.py) and
+   ``DistributedOptimizer.__init__`` /
+   ``_build_model_and_main_param_groups`` (distrib_optimizer.py) sort the
+   params by ``param.type() in ['torch.cuda.HalfTensor',
+   'torch.cuda.BFloat16Tensor']`` (-> fp32 main copy) or ``==
+   'torch.cuda.FloatTensor'`` and raise ``TypeError`` for anything else, so
+   every CPU param (``torch.FloatTensor`` / ``torch.BFloat16Tensor``) is
+   refused.  Both ``__init__`` run with ``torch.Tensor.type`` temporarily
+   replaced by a version that, called without arguments on a CPU tensor,
+   names its CUDA twin (``torch.BFloat16Tensor`` ->
+   ``torch.cuda.BFloat16Tensor``); the original is restored when the
+   constructor returns.  These are the only ``.type()`` checks in
+   ``optimizer/`` and ``distributed/`` besides the clip-grads one (6).  With
+   1, 6 and 7, ``get_megatron_optimizer`` runs on CPU with ``bf16=True``
+   (``Float16OptimizerWithFloat16Params``: bf16 params, fp32 main params in
+   torch's AdamW) and with ``use_distributed_optimizer=True``
+   (``DistributedOptimizer``, fp32 or bf16).
+
+   Gloo collectives: none is missing for the distributed optimizer with this
+   torch (2.13).  Its grad/param buffers use ``reduce_scatter_tensor`` and
+   ``all_gather_into_tensor`` (``dist_reduce_scatter_func`` /
+   ``dist_all_gather_func`` in param_and_grad_buffer.py) inside
+   ``torch.distributed._coalescing_manager``; gloo runs all three, in fp32 and
+   bf16, so no fallback is installed.  Not exercised on CPU:
+   ``overlap_grad_reduce`` / ``overlap_param_gather`` (async handles),
+   ``num_distributed_optimizer_instances > 1`` (CUDA streams),
+   ``reduce_scatter_with_fp32_accumulation``, fp16 (``grad_scaler.py`` makes
+   its scale tensors on "cuda" and is not shimmed).
+
+8. dist-checkpointing's save path: see :func:`_adapt_dist_checkpointing`.
+
+Not adapted: cudagraphs, TE / apex paths,
 ``moe_grouped_gemm`` (needs the grouped_gemm CUDA package), the all-to-all /
 flex MoE dispatchers (only ``allgather`` is exercised), inference paths.
 
@@ -174,6 +206,8 @@ _SHIMMED_MODULES = (
     # and the grad-norm all-reduce are created on "cuda"
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
+    # the distributed optimizer: its state gather/scatter buffers (checkpointing) are made on "cuda"
+    "megatron.core.optimizer.distrib_optimizer",
 )
 
 # (object, attribute name, original value or _MISSING) recorded by _set_attr.
@@ -441,6 +475,33 @@ def _wrap_setup_embeddings(orig):
 
 
 # ----------------------------------------------------------------------------
+# 7. CUDA tensor-type names while the Megatron optimizers sort their params
+# ----------------------------------------------------------------------------
+_REAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    """``Tensor.type()`` that names a CPU tensor as its CUDA twin (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``)."""
+    name = _REAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+    if dtype is None and isinstance(name, str) and not self.is_cuda and name.startswith("torch."):
+        return "torch.cuda." + name[len("torch."):]
+    return name
+
+
+def _with_cuda_type_names(orig):
+    def wrapper(*args, **kwargs):
+        torch.Tensor.type = _cuda_type_name  # type: ignore[method-assign]
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _REAL_TENSOR_TYPE  # type: ignore[method-assign]
+
+    wrapper.__wrapped__ = orig
+    wrapper.__doc__ = orig.__doc__
+    return wrapper
+
+
+# ----------------------------------------------------------------------------
 # apply / undo
 # ----------------------------------------------------------------------------
 def _set_attr(obj: Any, name: str, value: Any) -> None:
@@ -521,6 +582,12 @@ def apply_cpu_adaptations() -> None:
         opt_mod = importlib.import_module("megatron.core.optimizer.optimizer")
         _set_attr(clip_mod, "clip_grad_by_total_norm_fp32", _cpu_clip_grad_by_total_norm_fp32)
         _set_attr(opt_mod, "clip_grad_by_total_norm_fp32", _cpu_clip_grad_by_total_norm_fp32)
+
+        # 7. the optimizers sort params by CUDA tensor-type name in their constructors
+        dist_opt_mod = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+        for cls in (opt_mod.Float16OptimizerWithFloat16Params, dist_opt_mod.DistributedOptimizer):
+            _set_attr(cls, "__init__", _with_cuda_type_names(cls.__init__))
+        _adapt_dist_checkpointing()  # 8.
     except Exception:
         _undo_all()
         raise
@@ -548,3 +615,33 @@ def undo_cpu_adaptations() -> None:
     _undo_all()
     if hasattr(megatron.core, _MARKER):
         delattr(megatron.core, _MARKER)
+
+
+# ----------------------------------------------------------------------------
+# 8. dist-checkpointing (the trainer's torch_dist checkpoints)
+# ----------------------------------------------------------------------------
+_DIST_CKPT_MODULES = (
+    # FileSystemWriterAsync.preload_tensors: torch.cuda.synchronize() after the (no-op) copy to host
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    # save_state_dict_async_finalize: the failure flag is broadcast from torch.cuda.current_device()
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+
+
+def _adapt_dist_checkpointing() -> None:
+    """Put the dist-checkpointing modules that the synchronous ``torch_dist`` save reaches in the device shim (1).
+
+    ``dist_checkpointing.save`` with the default ``torch_dist`` strategy (and
+    ``FullyParallelSaveStrategyWrapper``) calls ``torch.cuda.synchronize()``
+    in ``filesystem_async.preload_tensors`` and makes a flag tensor on
+    ``torch.cuda.current_device()`` in ``state_dict_saver`` (raises without
+    CUDA); nothing else on its save or load path (default load strategy)
+    touches CUDA, and every collective it uses (all_gather_object,
+    broadcast, barrier) runs on gloo. Not adapted: the fully parallel *load*
+    wrapper and ``exchange_utils`` (CUDA exchange buffers), async saves
+    (``async_utils``: CUDA flag tensors, per-process CUDA device setup).
+    """
+    for mod_name in _DIST_CKPT_MODULES:
+        mod = importlib.import_module(mod_name)
+        if getattr(mod, "torch", None) is torch:
+            _set_attr(mod, "torch", _TORCH_SHIM)

@@ -24,6 +24,14 @@ from ..megatron.step import STEP
 from ..parallel.comm import comm_device
 
 
+# The ``metadata`` Megatron-LM passes to ``sharded_state_dict`` (its ``_build_sharded_state_dict_metadata``),
+# except the distributed optimizer's format: "fully_sharded_model_space" stores each parameter's slice of the
+# canonical per-parameter state (fp32 main param, Adam moments), each written once and reshardable over
+# TP/PP/DP, where Megatron-LM's default "dp_reshardable" reshards over DP only.
+SHARDED_STATE_DICT_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space",
+                               "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+
 def _lm_loss_func(mb):
     mask = mb["loss_mask"].float()
 
@@ -67,9 +75,6 @@ class MegatronBackend:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        if args.use_distributed_optimizer and not torch.cuda.is_available():
-            raise RuntimeError("--use-distributed-optimizer needs CUDA (Megatron's distributed optimizer checks CUDA "
-                               "tensor types); on CPU use --deepspeed --zero-stage 1|2 to shard optimizer state")
         self.args, self.config = args, config
         ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=args.use_distributed_optimizer,
                                                    overlap_grad_reduce=False, grad_reduce_in_fp32=True)
@@ -115,19 +120,70 @@ class MegatronBackend:
         self.model.eval()
         return self._run(microbatches, forward_only=True)
 
-    def write_checkpoint(self, directory: str) -> None:
-        rank = dist.get_rank()
-        torch.save({"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict()}, os.path.join(directory, f"rank_{rank:05d}.pt"))
+    # Megatron's checkpoint: megatron-core dist_checkpointing (format torch_dist), Megatron-LM's state dict keys.
+    reshardable = True  # dist_checkpointing reshards on load: any TP/PP/DP layout may resume it
 
-    def read_checkpoint(self, directory: str, load_optim: bool) -> None:
-        from .checkpoint import load_rank_file
+    def _sharded_state_dict(self, iteration: int, is_loading: bool, optim: bool, rng: bool) -> dict:
+        """``{"model", "optimizer", "opt_param_scheduler", "rng_state", ...}`` as Megatron-LM's ``generate_state_dict``.
 
-        state = load_rank_file(os.path.join(directory, f"rank_{dist.get_rank():05d}.pt"))
-        self.model.module.load_state_dict(state["model"])
+        Tensors are ``ShardedTensor``s (global shape + this rank's offsets), so
+        a load at another layout takes its own slices; DP replicas are written
+        by one rank only.
+        """
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        from .checkpoint import rng_state
+
+        metadata = {**SHARDED_STATE_DICT_METADATA, "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+        state = {"checkpoint_version": 3.0, "iteration": iteration,
+                 "model": self.model.module.sharded_state_dict(metadata=metadata)}
+        if optim:
+            state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+            state["opt_param_scheduler"] = self.scheduler.state_dict()
+        if rng:  # one per (PP, TP) rank as in Megatron-LM: the DP ranks' RNG states are the same
+            state["rng_state"] = ShardedObject(
+                "rng_state", [rng_state()], (ps.get_pipeline_model_parallel_world_size(),
+                                             ps.get_tensor_model_parallel_world_size()),
+                (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+        return state
+
+    def write_checkpoint(self, directory: str, iteration: int) -> None:
+        from megatron.core import dist_checkpointing
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        state = self._sharded_state_dict(iteration, is_loading=False, optim=True, rng=True)
+        # Megatron-LM's --ckpt-fully-parallel-save (its default): DP replicas share the writing
+        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"),
+                                                    ps.get_data_parallel_group(with_context_parallel=True))
+        dist_checkpointing.save(state, directory, strategy, content_metadata=dict(SHARDED_STATE_DICT_METADATA))
+
+    def read_checkpoint(self, directory: str, load_optim: bool, load_rng: bool) -> None:
+        from megatron.core import dist_checkpointing
+
+        from .checkpoint import CheckpointError, set_rng_state
+
+        try:
+            state = self._sharded_state_dict(0, is_loading=True, optim=load_optim, rng=load_rng)
+            loaded = dist_checkpointing.load(state, directory)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the checkpoint cannot be resumed
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(f"cannot read checkpoint {directory} ({type(e).__name__}: {first}); it is "
+                                  "corrupt, incomplete or not a Megatron torch_dist checkpoint: point --load at "
+                                  "another checkpoint") from e
+        self.model.module.load_state_dict(loaded["model"])
         if load_optim:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            self.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        else:
+            # The mixed-precision optimizer's fp32 main params still hold the initial weights; its next
+            # step would copy them back over the loaded model.
+            self.optimizer.reload_model_params()
+        if load_rng:
+            set_rng_state(loaded["rng_state"][0])
 
 
 class _MegatronMpu:
@@ -231,12 +287,18 @@ class DeepSpeedBackend:
             sums.append(torch.stack([(per_token.float() * mask).sum(), mask.sum()]))
         return _global_sums(torch.stack(sums).sum(0))
 
-    def write_checkpoint(self, directory: str) -> None:
+    # DeepSpeed's own engine checkpoint (see training/checkpoint.py for why), and a file of RNG states per rank
+    reshardable = False
+
+    def write_checkpoint(self, directory: str, iteration: int) -> None:
+        from .checkpoint import rng_state
+
         self.engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state",
                                     client_state={"scheduler": self.scheduler.state_dict()}, save_latest=False)
+        torch.save(rng_state(), os.path.join(directory, f"rng_{dist.get_rank():05d}.pt"))
 
-    def read_checkpoint(self, directory: str, load_optim: bool) -> None:
-        from .checkpoint import CheckpointError
+    def read_checkpoint(self, directory: str, load_optim: bool, load_rng: bool) -> None:
+        from .checkpoint import CheckpointError, load_rank_file, set_rng_state
 
         path, client = self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state",
                                                    load_optimizer_states=load_optim,
@@ -246,3 +308,5 @@ class DeepSpeedBackend:
                                   "incomplete or was written by the Megatron backend (drop --deepspeed)")
         if load_optim:
             self.scheduler.load_state_dict(client["scheduler"])
+        if load_rng:
+            set_rng_state(load_rank_file(os.path.join(directory, f"rng_{dist.get_rank():05d}.pt")))

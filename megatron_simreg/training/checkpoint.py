@@ -1,18 +1,38 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, resumable checkpoints in Megatron-LM's on-disk layout, behind one interface both backends serve.
 
-Layout (the pointer file keeps Megatron-LM's name)::
+Layout::
 
-    <save>/latest_checkpointed_iteration.txt     "12"
-    <save>/iter_0000012/meta.json                iteration, consumed samples, model config, layout
-    <save>/iter_0000012/rank_00003.pt            this rank's state (Megatron backend)
-    <save>/iter_0000012/deepspeed/...            DeepSpeed engine files (DeepSpeed backend)
-    <save>/iter_0000012/rng_00003.pt             this rank's RNG states (both backends)
+    <save>/latest_checkpointed_iteration.txt   "12"  (Megatron-LM's pointer file)
+    <save>/iter_0000012/meta.json              ours: iteration, model settings (incl. the layout it ran at), backend
+    Megatron backend (megatron-core dist_checkpointing, format torch_dist, as Megatron-LM writes it):
+    <save>/iter_0000012/metadata.json          dist_checkpointing's format marker
+    <save>/iter_0000012/common.pt              non-sharded state (scheduler, optimizer param groups, ...)
+    <save>/iter_0000012/__<r>_<i>.distcp, .metadata
+                                               every tensor shard written once (not once per DP rank):
+                                               "model", "optimizer", "opt_param_scheduler", "rng_state"
+    DeepSpeed backend:
+    <save>/iter_0000012/deepspeed/state/...    DeepSpeed's engine checkpoint (mp_rank_XX_model_states.pt,
+                                               ZeRO optimizer partitions)
+    <save>/iter_0000012/rng_00003.pt           this rank's RNG states
 
-A save writes everything into ``iter_XXXXXXX.tmp``, renames it once every rank
-has finished, and only then rewrites the pointer (through a temporary file
-and ``os.replace``). A crash at any point leaves the previous checkpoint and
-pointer intact; a stale ``.tmp`` directory is ignored and replaced by the
-next save.
+The Megatron backend's checkpoint is the model's and the optimizer's
+``sharded_state_dict``: a run may resume it at any TP/PP/DP layout (the
+settings that must match are the model's shape, :func:`check_compatible`),
+and Megatron-LM's and Megatron-Bridge's tools read it. The DeepSpeed backend
+keeps DeepSpeed's own engine checkpoint: ZeRO partitions the optimizer state
+over DeepSpeed's flat buffers, which megatron-core's sharded state dicts do
+not describe, and DeepSpeed's own tools (``zero_to_fp32``, the universal
+checkpoint converter) read that format; so it resumes at the layout it was
+saved at.
+
+A backend serves ``write_checkpoint(dir, iteration)`` (every rank, collective),
+``read_checkpoint(dir, load_optim, load_rng)`` and ``reshardable`` (whether
+the layout may change). :func:`save` writes everything into
+``iter_XXXXXXX.tmp``, renames it once every rank has finished, and only then
+rewrites the pointer (through a temporary file and ``os.replace``). A crash at
+any point leaves the previous checkpoint and pointer intact; a stale ``.tmp``
+directory is ignored and replaced by the next save. :func:`resume` is the
+trainer's ``--load``.
 """
 
 from __future__ import annotations
@@ -31,6 +51,9 @@ POINTER = "latest_checkpointed_iteration.txt"
 # Test hook: set to an iteration number to crash that save after this rank's
 # files are written, before the rename (tests/test_training.py).
 CRASH_ENV = "MEGATRON_SIMREG_CRASH_IN_SAVE"
+# model_settings() fields that describe the layout, not the model: a reshardable checkpoint may differ in them
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+               "data_parallel_size")
 
 
 class CheckpointError(RuntimeError):
@@ -47,32 +70,38 @@ def _barrier():
 
 
 def rng_state() -> Dict[str, Any]:
+    """This process's RNG states, under Megatron-LM's key names."""
     from megatron.core import tensor_parallel
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+             "torch_rng_state": torch.get_rng_state(),
+             "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if "cuda_rng_state" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
-def save(root: str, iteration: int, meta: Dict[str, Any], write_rank_files) -> str:
-    """Write checkpoint ``iteration`` atomically; every rank calls this.
+def run_meta(args, settings: Dict[str, Any], tokenizer_model: Optional[str]) -> Dict[str, Any]:
+    """``meta.json`` of a training run's checkpoints (:func:`save` adds the iteration)."""
+    return {"model": settings, "backend": "deepspeed" if args.deepspeed else "megatron",
+            "tokenizer_model": tokenizer_model,  # for export-hf
+            "args": {k: v for k, v in vars(args).items()
+                     if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, type(None)))}}
 
-    ``write_rank_files(tmp_dir)`` writes this rank's files into ``tmp_dir``
-    (a collective for the DeepSpeed engine). Returns the final directory.
-    """
+
+def save(root: str, iteration: int, meta: Dict[str, Any], backend) -> str:
+    """Write checkpoint ``iteration`` atomically; every rank calls this. Returns the final directory."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
@@ -81,14 +110,13 @@ def save(root: str, iteration: int, meta: Dict[str, Any], write_rank_files) -> s
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
         os.makedirs(tmp)
     _barrier()
-    write_rank_files(tmp)
-    torch.save(rng_state(), os.path.join(tmp, f"rng_{rank:05d}.pt"))
+    backend.write_checkpoint(tmp, iteration)
     if os.environ.get(CRASH_ENV) == str(iteration):
         raise RuntimeError(f"crash injected into the save of iteration {iteration} ({CRASH_ENV})")
     _barrier()
     if rank == 0:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
+            json.dump({**meta, "iteration": iteration}, f, indent=1, sort_keys=True)
         if os.path.exists(final):  # re-saving an iteration: move the old copy aside first
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.rename(final, final + ".old")
@@ -102,6 +130,40 @@ def save(root: str, iteration: int, meta: Dict[str, Any], write_rank_files) -> s
         shutil.rmtree(final + ".old", ignore_errors=True)
     _barrier()
     return final
+
+
+def resume(load: Optional[str], backend, settings: Dict[str, Any], *, load_optim: bool = True,
+           fresh_start: bool = False, tokenizer_vocab: Optional[int] = None) -> int:
+    """``--load``: restore the latest checkpoint under ``load`` into ``backend``; returns its iteration (0: none).
+
+    ``settings`` is this run's ``model_settings()``. RNG states are restored
+    only when the checkpoint has them and the TP/PP layout is unchanged (as
+    Megatron-LM does); otherwise the run keeps its seeded ones.
+    """
+    if not load:
+        return 0
+    iteration = find(load) if os.path.isdir(load) else None
+    if iteration is None:
+        if fresh_start:
+            return 0
+        raise CheckpointError(
+            f"--load {load}: no checkpoint there ({POINTER} not found). Check the path, or pass "
+            "--fresh-start to start from scratch when the directory holds no checkpoint yet")
+    directory = iteration_dir(load, iteration)
+    meta = load_meta(load, iteration)
+    if tokenizer_vocab is not None:
+        from ..data.tokenizer import check_vocab_fits
+
+        check_vocab_fits(tokenizer_vocab, meta["model"]["padded_vocab_size"])
+    check_compatible(meta["model"], settings, directory, reshardable=backend.reshardable)
+    same_layout = all(meta["model"].get(k) == settings.get(k)
+                      for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"))
+    # an import-hf checkpoint holds model weights only
+    backend.read_checkpoint(directory, load_optim=load_optim and "imported_from" not in meta,
+                            load_rng=same_layout and "imported_from" not in meta)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"loaded checkpoint {directory} (iteration {iteration})", flush=True)
+    return iteration
 
 
 def find(root: str) -> Optional[int]:
@@ -134,10 +196,12 @@ def load_rank_file(path: str) -> Dict[str, Any]:
                               "incomplete: point --load at another checkpoint") from e
 
 
-def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str) -> None:
-    """Fail, listing every differing field, when the model or layout differs."""
-    keys = sorted(set(saved) | set(current))
+def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str, reshardable: bool = False) -> None:
+    """Fail, listing every differing field, when the model (or, unless ``reshardable``, the layout) differs."""
+    keys = sorted(k for k in set(saved) | set(current) if not (reshardable and k in LAYOUT_KEYS))
     diff = [f"  {k}: checkpoint={saved.get(k)!r} run={current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
     if diff:
+        hint = ("use the checkpoint's settings" if reshardable else
+                "use the checkpoint's settings, or convert it (export-hf / import-hf) to re-shard")
         raise CheckpointError(f"checkpoint {where} does not match this run's model/layout:\n" + "\n".join(diff)
-                              + "\nuse the checkpoint's settings, or convert it (export-hf / import-hf) to re-shard")
+                              + "\n" + hint)

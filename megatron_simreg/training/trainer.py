@@ -32,7 +32,7 @@ class TrainingStopped(RuntimeError):
 
 
 def model_settings(args, vocab_size: int) -> dict:
-    """The fields a checkpoint must match to be loaded into this run."""
+    """The model (and layout) a checkpoint records; a resume must match the model (see checkpoint.check_compatible)."""
     keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
             "normalization", "swiglu", "untie_embeddings_and_output_weights", "position_embedding_type",
             "num_experts", "moe_router_topk", "tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -131,8 +131,6 @@ def run(args) -> dict:
     install_signal_handlers()
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
-        if args.bf16:
-            raise ValueError("--bf16 needs CUDA; CPU runs train in fp32 (drop --bf16)")
         if args.context_parallel_size > 1:
             raise ValueError("--context-parallel-size > 1 needs TransformerEngine attention on CUDA; on CPU, context "
                              "parallelism is covered by the loss-level tests only")
@@ -185,7 +183,9 @@ def run(args) -> dict:
         backend = MegatronBackend(args, model, config)
 
     settings = model_settings(args, vocab)
-    start_iter = _maybe_load(args, backend, settings)
+    start_iter = ckpt.resume(args.load, backend, settings, load_optim=not args.no_load_optim,
+                             fresh_start=args.fresh_start, tokenizer_vocab=tokenizer.vocab_size)
+    meta = ckpt.run_meta(args, settings, tokenizer.model_path)
     rank0 = dist.get_rank() == 0
     writer = MetricsWriter(args.save, args.tensorboard_dir, args.train_iters, start_iter, enabled=rank0)
     batches = Batches(train_ds, gbs, args.micro_batch_size)
@@ -233,12 +233,12 @@ def run(args) -> dict:
             last = record
             exiting = (args.exit_interval and (it + 1) % args.exit_interval == 0) or _signal_received()
             if args.save and ((args.save_interval and (it + 1) % args.save_interval == 0) or exiting):
-                save(args, backend, it + 1, settings)
+                ckpt.save(args.save, it + 1, meta, backend)
             if exiting:
                 return last
         saved_by_interval = args.save_interval and args.train_iters % args.save_interval == 0
         if args.save and last and not saved_by_interval:
-            save(args, backend, args.train_iters, settings)
+            ckpt.save(args.save, args.train_iters, meta, backend)
     finally:
         writer.close()
     return last
@@ -273,49 +273,6 @@ def evaluate(backend, valid_batches: Batches, eval_iters: int) -> float:
     return float(sums[0] / sums[1].clamp_min(1))
 
 
-def _rank_layout() -> list:
-    """``[{rank, tp, pp, cp, dp}]`` for every global rank: how to merge the per-rank files (export-hf)."""
-    from megatron.core import parallel_state as ps
-
-    mine = {"rank": dist.get_rank(), "tp": ps.get_tensor_model_parallel_rank(),
-            "pp": ps.get_pipeline_model_parallel_rank(), "cp": ps.get_context_parallel_rank(),
-            "dp": ps.get_data_parallel_rank()}
-    table = [None] * dist.get_world_size()
-    dist.all_gather_object(table, mine)
-    return table
-
-
-def save(args, backend, iteration: int, settings: dict) -> None:
-    meta = {"iteration": iteration, "model": settings, "backend": "deepspeed" if args.deepspeed else "megatron",
-            "ranks": _rank_layout(), "tokenizer_model": getattr(args, "_tokenizer_model", None),
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
-    ckpt.save(args.save, iteration, meta, backend.write_checkpoint)
-
-
-def _maybe_load(args, backend, settings) -> int:
-    if not args.load:
-        return 0
-    iteration = ckpt.find(args.load) if os.path.isdir(args.load) else None
-    if iteration is None:
-        if args.fresh_start:
-            return 0
-        raise ckpt.CheckpointError(
-            f"--load {args.load}: no checkpoint there ({ckpt.POINTER} not found). Check the path, or pass "
-            "--fresh-start to start from scratch when the directory holds no checkpoint yet")
-    meta = ckpt.load_meta(args.load, iteration)
-    from ..data.tokenizer import check_vocab_fits
-
-    check_vocab_fits(args._tokenizer_vocab, meta["model"]["padded_vocab_size"])
-    ckpt.check_compatible(meta["model"], settings, ckpt.iteration_dir(args.load, iteration))
-    directory = ckpt.iteration_dir(args.load, iteration)
-    backend.read_checkpoint(directory, load_optim=not args.no_load_optim)
-    if "imported_from" not in meta:  # an import-hf checkpoint has no RNG state: keep this run's seeded one
-        ckpt.set_rng_state(ckpt.load_rank_file(os.path.join(directory, f"rng_{dist.get_rank():05d}.pt")))
-    if dist.get_rank() == 0:
-        print(f"loaded checkpoint {directory} (iteration {iteration})", flush=True)
-    return iteration
-
-
 def _datasets(args, gbs):
     from ..data.datasets import build_gpt_datasets
     from ..data.default_corpus import prepare_default_corpus
@@ -328,8 +285,6 @@ def _datasets(args, gbs):
         prefix, tok_model = _on_rank0_first(lambda: prepare_default_corpus(cache))
         data_path = [prefix]
     tokenizer = Tokenizer(tok_model)
-    args._tokenizer_model = os.path.abspath(tok_model)  # recorded in checkpoints for export-hf
-    args._tokenizer_vocab = tokenizer.vocab_size
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
     num_samples = (args.train_iters * gbs, max(1, evals) * args.eval_iters * gbs, None)
     # collective: Megatron's builder lets rank 0 build the index caches first
