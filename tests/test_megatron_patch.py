@@ -384,3 +384,16 @@ def test_regularized_step_adds_no_host_sync(mode):
     """On a GPU a host read of a device value stalls the launch queue; the regularizers add none to the step."""
     plain, patched = run_distributed(_host_sync_ops, 1, args=(mode,), timeout=120)[0]
     assert patched == plain
+
+
+# ---- Megatron-LM's defaults: deallocate_pipeline_outputs=True, calculate_per_token_loss, activation recompute ----
+
+LM_DEFAULTS = dict(per_token=True, deallocate_pipeline_outputs=True)
+
+
+def test_pp2_with_deallocated_pipeline_outputs():
+    """A non-last stage returns the attached JREG output; the schedule frees it after sending, refused for a view."""
+    ref = reference()
+    outs = run_patched(pp=2, **LM_DEFAULTS)
+    assert abs(outs[1]["lm"] - ref["lm"]) <= 1e-6 * abs(ref["lm"])
+    assert_grads_match(outs[0]["grads"], ref["grads"])

@@ -48,12 +48,18 @@ import torch
 
 
 class RegLossAutoScaler(torch.autograd.Function):
-    """Identity on ``output``; backward also seeds ``reg_loss`` with ones."""
+    """Identity on ``output``; backward also seeds ``reg_loss`` with ones.
+
+    Returns an alias of ``output``'s storage that is not a view: autograd makes
+    an input returned as-is a view of it, and Megatron's pipeline schedules
+    free a stage's output after sending it (``deallocate_pipeline_outputs``),
+    which they refuse for a view.
+    """
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, reg_loss: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(reg_loss)
-        return output
+        return output.detach()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
