@@ -397,3 +397,38 @@ def test_pp2_with_deallocated_pipeline_outputs():
     outs = run_patched(pp=2, **LM_DEFAULTS)
     assert abs(outs[1]["lm"] - ref["lm"]) <= 1e-6 * abs(ref["lm"])
     assert_grads_match(outs[0]["grads"], ref["grads"])
+
+
+def _micro_batch_per_token_under_cp(rank, world):
+    """One micro-batch split over 2 CP ranks, at the level of the attached term (local attention has no CP on CPU)."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_simreg.megatron import patch, tracker
+
+    ps.initialize_model_parallel(context_parallel_size=2)
+    tokens, anchors = [(5, 3), (7, 2)][rank]  # this CP rank's valid tokens and SimReg anchors (uneven on purpose)
+    s_cp, b = 8, 1
+    hidden = torch.randn(s_cp, b, 4, requires_grad=True)
+    mask = torch.zeros(b, s_cp)
+    mask[0, :tokens] = 1
+    # this rank's share of the SimReg sum is hidden.sum(), so hidden.grad is the attached term's factor
+    patch.parallel_simreg_terms = lambda h, *a: SimpleNamespace(loss_sum=h.sum(), num_anchors=torch.tensor(anchors))
+    patch._ACTIVE.simreg, patch._ACTIVE.jreg = ms.SimRegConfig(weight=0.5, normalization="micro_batch"), None
+    model = SimpleNamespace(config=SimpleNamespace(calculate_per_token_loss=True, sequence_parallel=False),
+                            post_process=True)
+    cap = patch._Capture()
+    cap.final = hidden
+    out = torch.zeros(b, s_cp, requires_grad=True) * 1
+    patch._attach(model, out, cap, torch.zeros(b, s_cp, dtype=torch.long), mask).sum().backward()
+    tracker.clear()
+    return hidden.grad
+
+
+def test_micro_batch_per_token_scale_under_cp():
+    """calculate_per_token_loss: finalize_model_grads sums the CP ranks' gradients and divides by the global token
+    count, to which each CP rank adds its own tokens; the micro-batch's SimReg mean must be weighted by the tokens
+    of the whole micro-batch (5 + 7), not by each CP rank's own (which is 1/cp of it on average)."""
+    for grad in run_distributed(_micro_batch_per_token_under_cp, 2, timeout=120):
+        torch.testing.assert_close(grad, torch.full_like(grad, 0.5 * (5 + 7) / (3 + 2)), rtol=1e-6, atol=0)

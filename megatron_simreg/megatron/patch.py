@@ -163,15 +163,18 @@ def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout):
     return cfg.weight * weighted / (n_tok_mb.clamp_min(1) * STEP.num_microbatches)
 
 
-def _simreg_term(model, hidden, labels, loss_mask, cfg: SimRegConfig, n_tok_mb, layout):
+def _simreg_term(model, hidden, labels, loss_mask, cfg: SimRegConfig, layout):
     terms = parallel_simreg_terms(hidden, labels, loss_mask, cfg, layout)
     loss_sum = terms.loss_sum
     tracker.record("simreg", loss_sum, terms.num_anchors, layout.reduce_groups())  # reduced once per step
     per_token = model.config.calculate_per_token_loss
     if cfg.normalization == "micro_batch":  # the gradient needs this micro-batch's anchor count
+        if per_token:  # ... and its valid tokens over all CP ranks: each counts its own in finalize's divisor
+            shards = torch.stack([terms.num_anchors.to(loss_sum.dtype),
+                                  (loss_mask[:, layout.local_slice(loss_mask.shape[1])] == 1).sum().to(loss_sum.dtype)])
+            anchors, tokens = _reduce_sum(shards, layout)
+            return cfg.weight * loss_sum * tokens / anchors.clamp_min(1)
         anchors = _reduce_sum(terms.num_anchors.to(loss_sum.dtype), layout).clamp_min(1)
-        if per_token:
-            return cfg.weight * loss_sum * n_tok_mb / anchors
         return cfg.weight * loss_sum * layout.cp / (anchors * STEP.num_microbatches)
     if STEP.num_anchors is None or (per_token and STEP.num_tokens is None):
         raise RuntimeError(
@@ -205,7 +208,7 @@ def _attach(model, out, cap: _Capture, labels, loss_mask):
             attached.append(term)
     if simreg is not None and model.post_process and labels is not None:
         hidden = cap.final if simreg.representation == "post_norm" else cap.layer_outputs[-1][1]
-        attached.append(_simreg_term(model, hidden, labels, loss_mask, simreg, n_tok_mb, layout))
+        attached.append(_simreg_term(model, hidden, labels, loss_mask, simreg, layout))
     if not attached:
         return out
     reg = torch.stack([t.float() for t in attached]).sum()

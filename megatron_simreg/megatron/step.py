@@ -23,9 +23,11 @@ SimReg micro_batch      False                           ``ls * lambda * S_S * cp
 
 ``S_J`` is the rank's layer-weighted sum of per-token layer distances,
 ``S_S`` its sum of SimReg ``l_i``; ``N_tok_mb`` the micro-batch's valid tokens
-on this CP rank (as Megatron's ``loss_func`` counts them), ``N_anch_mb`` its
-anchors summed over TP/CP; ``N_tok`` and ``N_anch`` the global batch's totals;
-``dp_cp`` the data x context parallel size.
+on this CP rank (as Megatron's ``loss_func`` counts them) for JREG, and summed
+over the CP ranks for SimReg (``finalize_model_grads`` divides by every CP
+rank's own count, and the CP ranks' SimReg shares add up to one micro-batch
+term); ``N_anch_mb`` its anchors summed over TP/CP; ``N_tok`` and ``N_anch``
+the global batch's totals; ``dp_cp`` the data x context parallel size.
 
 Why: with ``calculate_per_token_loss`` Megatron sums micro-batch gradients and
 divides once by the global token count; without it each micro-batch's mean is
