@@ -432,3 +432,45 @@ def test_micro_batch_per_token_scale_under_cp():
     of the whole micro-batch (5 + 7), not by each CP rank's own (which is 1/cp of it on average)."""
     for grad in run_distributed(_micro_batch_per_token_under_cp, 2, timeout=120):
         torch.testing.assert_close(grad, torch.full_like(grad, 0.5 * (5 + 7) / (3 + 2)), rtol=1e-6, atol=0)
+
+
+def test_combined_1f1b_schedule_is_refused():
+    """overlap_moe_expert_parallel_comm runs GPTModel.build_schedule_plan, never forward: refused, not silently unregularized."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_simreg.megatron import apply_to_megatron, undo_megatron_patch
+
+    original = GPTModel.build_schedule_plan
+    apply_to_megatron(jreg=ms.JRegConfig())
+    try:
+        with pytest.raises(NotImplementedError, match="overlap_moe_expert_parallel_comm"):
+            GPTModel.build_schedule_plan(SimpleNamespace(training=True), None, None, None)
+        apply_to_megatron()  # no regularizer: Megatron's own method runs
+        with pytest.raises(AttributeError):
+            GPTModel.build_schedule_plan(SimpleNamespace(training=True), None, None, None)
+    finally:
+        undo_megatron_patch()
+    assert GPTModel.build_schedule_plan is original
+
+
+def test_loss_tracker_stays_bounded_without_report():
+    """A driver that never calls report_losses must not grow the tracker by a tensor per micro-batch."""
+    from megatron_simreg.megatron import tracker
+    from megatron_simreg.megatron.step import STEP
+
+    tracker.clear()
+    saved, STEP.num_microbatches = STEP.num_microbatches, 4
+    try:
+        for _ in range(250):  # steps without report
+            for mb in range(4):
+                tracker.record("jreg", torch.tensor(2.0 * (mb + 1)), torch.tensor(2.0))
+        assert sum(t.numel() for t in tracker._SHARES["jreg"]) <= 4 * 2
+        assert tracker.report(("jreg",))["jreg"] == pytest.approx(2.5)
+        for mb in range(4):  # a step reported as usual: the mean of its micro-batch values
+            tracker.record("jreg", torch.tensor(float(mb)), torch.tensor(1.0 + mb))
+        assert tracker.report(("jreg",))["jreg"] == pytest.approx(sum(mb / (1 + mb) for mb in range(4)) / 4)
+    finally:
+        STEP.num_microbatches = saved
+        tracker.clear()

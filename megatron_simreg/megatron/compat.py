@@ -67,6 +67,11 @@ def gpt_model_class():
     return resolve("megatron.core.models.gpt.gpt_model", "GPTModel")
 
 
+def schedule_plan_method(gpt_model):
+    """``GPTModel.build_schedule_plan`` (the combined 1F1B schedule's entry point), or None where there is none."""
+    return getattr(gpt_model, "build_schedule_plan", None)
+
+
 def schedules_module():
     resolve("megatron.core.pipeline_parallel.schedules", "forward_step")
     return importlib.import_module("megatron.core.pipeline_parallel.schedules")

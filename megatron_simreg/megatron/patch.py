@@ -23,6 +23,10 @@ What is read, and where:
   ``pretrain_gpt`` does, so that both terms see the LM loss's tokens.
 * ``schedules.forward_step`` is wrapped to record the number of micro-batches
   and the fp16 loss scale, exactly what Megatron records for its MoE loss.
+* ``GPTModel.build_schedule_plan`` (the combined 1F1B schedule of
+  ``overlap_moe_expert_parallel_comm``, which never calls ``forward``) is
+  wrapped to refuse training while a regularizer is on, instead of silently
+  training without it.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ def apply_to_megatron(simreg: Optional[SimRegConfig] = None, jreg: Optional[JReg
     if getattr(gpt_model, MARKER, False):
         return
     gpt_model.forward = _wrap_gpt_forward(gpt_model.forward)
+    if compat.schedule_plan_method(gpt_model) is not None:
+        gpt_model.build_schedule_plan = _refuse_schedule_plan(gpt_model.build_schedule_plan)
     schedules.forward_step = wrap_forward_step(schedules.forward_step)
     setattr(gpt_model, MARKER, True)
 
@@ -80,6 +86,8 @@ def undo_megatron_patch() -> None:
         return
     schedules = compat.schedules_module()
     gpt_model.forward = gpt_model.forward.__wrapped__
+    if compat.schedule_plan_method(gpt_model) is not None:
+        gpt_model.build_schedule_plan = gpt_model.build_schedule_plan.__wrapped__
     schedules.forward_step = schedules.forward_step.__wrapped__
     delattr(gpt_model, MARKER)
     _ACTIVE.simreg = _ACTIVE.jreg = None
@@ -213,6 +221,22 @@ def _attach(model, out, cap: _Capture, labels, loss_mask):
         return out
     reg = torch.stack([t.float() for t in attached]).sum()
     return RegLossAutoScaler.apply(out, (loss_scale(reg.device) * reg).reshape(()))
+
+
+def _refuse_schedule_plan(original):
+    def build_schedule_plan(self, *args, **kwargs):
+        if self.training and (_ACTIVE.simreg is not None or _ACTIVE.jreg is not None):
+            raise NotImplementedError(
+                "megatron-simreg does not support the combined 1F1B schedule (overlap_moe_expert_parallel_comm): "
+                "it runs GPTModel.build_schedule_plan instead of forward, so SimReg and JREG would silently not be "
+                "trained. Turn overlap_moe_expert_parallel_comm off, or disable SimReg and JREG (apply_to_megatron())."
+            )
+        return original(self, *args, **kwargs)
+
+    build_schedule_plan.__wrapped__ = original
+    build_schedule_plan.__name__ = original.__name__
+    build_schedule_plan.__doc__ = original.__doc__
+    return build_schedule_plan
 
 
 def _wrap_gpt_forward(original):

@@ -7,6 +7,11 @@ per name and step, not one per micro-batch; each micro-batch's value
 ``sum / count`` is averaged over the step's micro-batches, summed over
 pipeline stages (JREG is split across stages, SimReg lives on the last one)
 and averaged over data-parallel ranks.
+
+Memory stays bounded when nobody calls :func:`report` (any driver but ours):
+records go to ``M`` slots per name (``M`` micro-batches per step), the
+``k``-th record since the last report adding its sum and count to slot
+``k mod M``. Reported every step, each slot holds one micro-batch, as before.
 """
 
 from __future__ import annotations
@@ -17,19 +22,29 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.comm import comm_device
+from .step import STEP
 
-_SHARES: Dict[str, List[torch.Tensor]] = {}  # name -> one [sum, count] per micro-batch
+_SHARES: Dict[str, List[torch.Tensor]] = {}  # name -> one [sum, count] per micro-batch slot
+_RECORDS: Dict[str, int] = {}  # name -> records since the last report
 _GROUPS: Dict[str, Sequence[dist.ProcessGroup]] = {}
 
 
 def record(name: str, total: torch.Tensor, count: torch.Tensor, groups: Sequence[dist.ProcessGroup] = ()) -> None:
     """Record one micro-batch: this rank's share of the sum and count; ``groups`` hold the other shares."""
-    _SHARES.setdefault(name, []).append(torch.stack([total.detach().float(), count.detach().float()]))
+    share = torch.stack([total.detach().float(), count.detach().float()])
+    slots = _SHARES.setdefault(name, [])
+    k = _RECORDS.get(name, 0)
+    _RECORDS[name] = k + 1
+    if k < STEP.num_microbatches:
+        slots.append(share)
+    else:  # nobody reported last step: fold into an earlier micro-batch's slot
+        slots[k % len(slots)] += share
     _GROUPS[name] = tuple(groups)
 
 
 def clear() -> None:
     _SHARES.clear()
+    _RECORDS.clear()
     _GROUPS.clear()
 
 
