@@ -474,3 +474,48 @@ def test_loss_tracker_stays_bounded_without_report():
     finally:
         STEP.num_microbatches = saved
         tracker.clear()
+
+
+def _gpu_without_te_spec(rank, world):
+    """layer_spec's GPU branch without TransformerEngine, on CPU: CUDA faked while the spec is built, TE unimportable,
+    and the final norm Megatron picks on such a GPU (WrappedTorchNorm) restored in place of the CPU adaptation's."""
+    import dataclasses
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import torch_norm, transformer_block
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_simreg.megatron.model import layer_spec
+    from megatron_utils import TINY, make_config
+
+    sys.modules["transformer_engine"] = None  # import transformer_engine -> ImportError
+    transformer_block.LayerNormImpl = torch_norm.WrappedTorchNorm
+    del moe_utils.te_general_gemm  # left undefined by Megatron's failed TE import (the CPU adaptations define it)
+    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    model_parallel_cuda_manual_seed(1)
+    config = make_config(tp=2, sp=True, num_experts=4)  # MoE with TP > 1 needs SP
+    is_available, torch.cuda.is_available = torch.cuda.is_available, lambda: True
+    try:
+        spec = layer_spec(config)
+    finally:
+        torch.cuda.is_available = is_available
+
+    def modules(obj):
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return [m for f in dataclasses.fields(obj) for m in modules(getattr(obj, f.name))]
+        return [m for item in obj for m in modules(item)] if isinstance(obj, (list, tuple)) else [obj]
+
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=TINY["vocab_size"],
+                     max_sequence_length=TINY["seq_length"])
+    norms = [n for n, p in model.named_parameters() if "norm" in n]
+    return {"wrapped_in_spec": torch_norm.WrappedTorchNorm in modules(spec), "te_gemm": moe_utils.te_general_gemm,
+            "sp_flagged": all(getattr(p, "sequence_parallel", False) for n, p in model.named_parameters() if n in norms),
+            "norms": norms}
+
+
+def test_gpu_local_spec_without_te_supports_sequence_parallel():
+    for out in run_distributed(_gpu_without_te_spec, 2, timeout=120):
+        assert not out["wrapped_in_spec"] and out["sp_flagged"] and out["te_gemm"] is None  # MoE router's torch path
+        assert "decoder.final_layernorm.weight" in out["norms"] and len(out["norms"]) == 2 * TINY["num_layers"] + 1

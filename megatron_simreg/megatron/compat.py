@@ -80,3 +80,11 @@ def schedules_module():
 def layer_output_hidden(output):
     """A TransformerLayer returns ``(hidden, context)``; 0.17+ blocks may return extras too."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def define_moe_te_gemm() -> None:
+    """Without TransformerEngine, 0.16's MoE router reads ``moe_utils.te_general_gemm``, which its failed TE import
+    leaves undefined (``NameError`` on the first forward); ``None`` selects its existing ``torch.mm`` path."""
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

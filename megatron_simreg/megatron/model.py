@@ -2,7 +2,9 @@
 
 On CPU the layer spec is the SP-capable local spec of :mod:`.cpu_compat`
 (whose adaptations must be applied); on GPU it is TransformerEngine's spec
-when TE is installed, else Megatron's local spec.
+when TE is installed, else Megatron's local spec with the same SP-capable
+torch norm (Megatron's ``WrappedTorchNorm`` refuses sequence parallelism,
+which MoE with TP > 1 needs), in every layer and as the final norm.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from . import compat
 
 
 @dataclass
@@ -75,18 +79,24 @@ def transformer_config(shape: GPTShape, *, tp=1, pp=1, cp=1, sp=False, dtype=tor
 
 
 def layer_spec(config):
+    """GPTModel's ``transformer_layer_spec`` for this machine (a block spec on a GPU without TE).
+
+    Model-parallel state must be initialized. Importing :mod:`.cpu_compat`
+    applies none of its CPU adaptations: only its norm and specs are used.
+    """
+    from .cpu_compat import get_cpu_gpt_block_spec, get_cpu_gpt_layer_spec
+
     if not torch.cuda.is_available():
-        from .cpu_compat import get_cpu_gpt_layer_spec
-
         return get_cpu_gpt_layer_spec(num_experts=config.num_moe_experts, normalization=config.normalization)
-    from megatron.core.models.gpt import gpt_layer_specs as specs
-
     try:
         import transformer_engine  # noqa: F401
+    except ImportError:  # the block spec also carries the final norm, which Megatron would make a WrappedTorchNorm
+        if config.num_moe_experts:
+            compat.define_moe_te_gemm()
+        return get_cpu_gpt_block_spec(config)
+    from megatron.core.models.gpt import gpt_layer_specs as specs
 
-        return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts)
-    except ImportError:
-        return specs.get_gpt_layer_local_spec(num_experts=config.num_moe_experts, normalization=config.normalization)
+    return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts)
 
 
 def build_gpt(shape: GPTShape, config, position_embedding_type: str = "rope"):
