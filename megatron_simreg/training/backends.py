@@ -101,7 +101,8 @@ class MegatronBackend:
         mb0 = microbatches[0]
         out = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(microbatches), model=[self.model],
-            num_microbatches=len(microbatches), seq_length=mb0["tokens"].shape[1],
+            # the full length: the schedule divides it by CP (and TP with SP) for its p2p buffers
+            num_microbatches=len(microbatches), seq_length=self.args.seq_length,
             micro_batch_size=mb0["tokens"].shape[0], forward_only=forward_only,
         )
         return _global_sums(torch.stack([x["lm"] for x in out]).sum(0) if out else torch.zeros(2))
@@ -256,15 +257,19 @@ class DeepSpeedBackend:
         return self.base_optimizer.param_groups[0]["lr"]
 
     def train_step(self, microbatches):
+        from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         self.engine.train()
         # DeepSpeed divides the main loss by the accumulation steps; the
         # auxiliary losses bypass that division, so scale them here.
         STEP.num_microbatches, STEP.grad_scale_func = len(microbatches), None
+        # megatron-core's forward_step rule for a per-micro-batch-mean loss: cp / M. DeepSpeed averages grads
+        # over DP x CP, and each CP rank's aux loss is the whole micro-batch's, hence the cp.
+        scale = ps.get_context_parallel_world_size() / len(microbatches)
         # on the model's device: Megatron multiplies the aux-loss gradient by it in backward
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), 1.0 / len(microbatches), device=dev))
+        MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), scale, device=dev))
         sums = []  # kept on the device: a .cpu() per micro-batch would wait for it
         for mb in microbatches:
             per_token = _forward(self.engine, mb)
