@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backend")
     g.add_argument("--deepspeed", action="store_true", help="DeepSpeed engine instead of Megatron DDP")
     g.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
-    g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron backend; needs CUDA")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron backend: shard the fp32 main params and Adam state over data-parallel ranks")
     g = p.add_argument_group("MoE")
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--moe-router-topk", type=int, default=2)
