@@ -56,8 +56,9 @@ def test_pipeline_messages_have_the_cp_local_sequence_length(monkeypatch, sequen
     backend._run(microbatches, forward_only=True)
 
     config = SimpleNamespace(sequence_parallel=sequence_parallel, hidden_size=8)
-    shapes = schedules.get_tensor_shapes(seq_length=captured["seq_length"], micro_batch_size=captured["micro_batch_size"],
-                                         decoder_seq_length=None, config=config, tp_group=_Group(tp), cp_group=_Group(CP))
+    shapes = schedules.get_tensor_shapes(
+        seq_length=captured["seq_length"], micro_batch_size=captured["micro_batch_size"], decoder_seq_length=None,
+        config=config, tp_group=_Group(tp), cp_group=_Group(CP))
     local = microbatches[0]["tokens"].shape[1] // (tp if sequence_parallel else 1)
     assert shapes == [(local, MICRO, 8)]
 

@@ -76,7 +76,8 @@ def _bf16_steps(rank, world, distributed_optimizer):
             "model_numel": sum(p.numel() for p in backend.model.module.parameters())}
 
 
-@pytest.mark.parametrize("world,distributed_optimizer", [(1, False), (2, True)], ids=["float16-optimizer", "dist-opt-dp2"])
+@pytest.mark.parametrize("world,distributed_optimizer", [(1, False), (2, True)],
+                         ids=["float16-optimizer", "dist-opt-dp2"])
 def test_bf16_params_with_fp32_main_params(world, distributed_optimizer):
     results = run_distributed(_bf16_steps, world, args=(distributed_optimizer,), timeout=240)
     for r in results:
@@ -109,9 +110,12 @@ def test_tensor_type_shim_is_scoped_to_the_optimizer_constructors():
         cpu_compat.apply_cpu_adaptations()  # idempotent: wrapped once
         for cls, orig in zip(classes, originals):
             assert cls.__init__.__wrapped__ is orig
-        wrapped = cpu_compat._with_cuda_type_names(lambda t: seen.append((t.type(), t.type(torch.float64).dtype)))
-        wrapped(torch.zeros(1, dtype=torch.bfloat16))
-        assert seen == [("torch.cuda.BFloat16Tensor", torch.float64)]  # a conversion is still a conversion
+        inner = cpu_compat._with_cuda_type_names(lambda t: seen.append(t.type()))
+        outer = cpu_compat._with_cuda_type_names(
+            lambda t: (inner(t), seen.append((t.type(), t.type(torch.float64).dtype))))
+        outer(torch.zeros(1, dtype=torch.bfloat16))
+        # nested constructors keep the CUDA name for their caller; a conversion is still a conversion
+        assert seen == ["torch.cuda.BFloat16Tensor", ("torch.cuda.BFloat16Tensor", torch.float64)]
         assert torch.zeros(1).type() == "torch.FloatTensor"  # outside the constructors: the real name
     finally:
         cpu_compat.undo_cpu_adaptations()

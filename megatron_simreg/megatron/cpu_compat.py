@@ -481,7 +481,7 @@ _REAL_TENSOR_TYPE = torch.Tensor.type
 
 
 def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
-    """``Tensor.type()`` that names a CPU tensor as its CUDA twin (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``)."""
+    """``Tensor.type()`` naming a CPU tensor as its CUDA twin (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``)."""
     name = _REAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
     if dtype is None and isinstance(name, str) and not self.is_cuda and name.startswith("torch."):
         return "torch.cuda." + name[len("torch."):]
@@ -490,11 +490,12 @@ def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
 
 def _with_cuda_type_names(orig):
     def wrapper(*args, **kwargs):
+        outer = torch.Tensor.type  # a nested constructor must not restore the real name for its caller
         torch.Tensor.type = _cuda_type_name  # type: ignore[method-assign]
         try:
             return orig(*args, **kwargs)
         finally:
-            torch.Tensor.type = _REAL_TENSOR_TYPE  # type: ignore[method-assign]
+            torch.Tensor.type = outer  # type: ignore[method-assign]
 
     wrapper.__wrapped__ = orig
     wrapper.__doc__ = orig.__doc__
