@@ -37,9 +37,9 @@ def global_batch():
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
 
 
-def _reference(rank, world, num_experts, simreg_kw, jreg_kw, representation):
+def _reference(rank, world, num_experts, simreg_kw, jreg_kw, representation, num_layers=TINY["num_layers"]):
     """Unpatched model, whole batch, losses written out by hand."""
-    model, _ = build_tiny_gpt(num_experts=num_experts)
+    model, _ = build_tiny_gpt(num_experts=num_experts, num_layers=num_layers)
     ids, labels, mask = global_batch()
     pos = torch.arange(ids.shape[1]).expand_as(ids)
     states, final = [], []
@@ -62,10 +62,12 @@ def _reference(rank, world, num_experts, simreg_kw, jreg_kw, representation):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(num_experts=None, representation="post_norm", jreg_weighting=JREG["weighting"]):
+def reference(num_experts=None, representation="post_norm", jreg_weighting=JREG["weighting"],
+              num_layers=TINY["num_layers"]):
     simreg_kw = dict(SIMREG, representation=representation)
     jreg_kw = dict(JREG, weighting=jreg_weighting)
-    return run_distributed(_reference, 1, args=(num_experts, simreg_kw, jreg_kw, representation), timeout=120)[0]
+    args = (num_experts, simreg_kw, jreg_kw, representation, num_layers)
+    return run_distributed(_reference, 1, args=args, timeout=120)[0]
 
 
 def _patched(rank, world, tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_token, use_begin_step, overrides):
@@ -137,8 +139,9 @@ def _patched(rank, world, tp, pp, sp, dp, num_experts, simreg_kw, jreg_kw, per_t
         lm = tot[0] / tot[1]
     logged = report_losses(pp_group=ps.get_pipeline_model_parallel_group(), dp_group=dp_group)
     missing = [n for n, p in model.named_parameters() if p.grad is None]
+    queued = sum(len(q) for q in getattr(model, "_megatron_simreg_pending", {}).values())  # full recompute's
     return {"lm": lm, "logged": logged, "grads": gather_full_grads(model), "missing_grads": missing,
-            "step_all_reduces": len(ours)}
+            "step_all_reduces": len(ours), "queued_after_step": queued}
 
 
 def run_patched(tp=1, pp=1, sp=False, dp=1, num_experts=None, simreg_kw=None, jreg_kw=None, per_token=False,
@@ -519,3 +522,30 @@ def test_gpu_local_spec_without_te_supports_sequence_parallel():
     for out in run_distributed(_gpu_without_te_spec, 2, timeout=120):
         assert not out["wrapped_in_spec"] and out["sp_flagged"] and out["te_gemm"] is None  # MoE router's torch path
         assert "decoder.final_layernorm.weight" in out["norms"] and len(out["norms"]) == 2 * TINY["num_layers"] + 1
+
+
+FULL_UNIFORM = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)
+
+
+@pytest.mark.parametrize("recompute", [
+    FULL_UNIFORM,  # both layers in one checkpointed chunk: the inner layer's output exists only without autograd
+    dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),  # layer 1 recomputed
+    dict(recompute_granularity="selective"),  # core attention only
+], ids=["full-uniform", "full-block", "selective"])
+def test_activation_recompute_is_exact(recompute):
+    """JREG (layer_weighted) and pre_norm SimReg read layer outputs, which full recompute computes under no_grad in
+    forward and again in backward: their gradients must equal those without recompute."""
+    ref = reference(representation="pre_norm")
+    out = run_patched(simreg_kw=dict(SIMREG, representation="pre_norm"), **LM_DEFAULTS, **recompute)[0]
+    assert_grads_match(out["grads"], ref["grads"])
+    assert out["queued_after_step"] == 0
+    assert out["logged"]["jreg"] == pytest.approx(ref["jreg"].item(), rel=0.2) and ref["jreg"] > 0
+
+
+def test_full_recompute_pp2_with_micro_batches_in_flight():
+    """1F1B on 2 stages of 2 layers: the first stage runs both micro-batches' forwards before either backward."""
+    ref = reference(representation="pre_norm", num_layers=4)
+    outs = run_patched(pp=2, num_layers=4, simreg_kw=dict(SIMREG, representation="pre_norm"), **LM_DEFAULTS,
+                       **FULL_UNIFORM)
+    assert_grads_match(outs[0]["grads"], ref["grads"])
+    assert [out["queued_after_step"] for out in outs] == [0, 0]

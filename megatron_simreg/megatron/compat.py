@@ -82,6 +82,13 @@ def layer_output_hidden(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def replace_layer_output_hidden(output, hidden):
+    """``output`` with its hidden states replaced (the inverse of :func:`layer_output_hidden`)."""
+    if isinstance(output, (tuple, list)):
+        return type(output)([hidden, *output[1:]])
+    return hidden
+
+
 def define_moe_te_gemm() -> None:
     """Without TransformerEngine, 0.16's MoE router reads ``moe_utils.te_general_gemm``, which its failed TE import
     leaves undefined (``NameError`` on the first forward); ``None`` selects its existing ``torch.mm`` path."""

@@ -14,6 +14,15 @@ What is read, and where:
   training forward) record the first local layer's input and every local
   layer's output ``[s_local, b, h]``. Each pipeline stage penalizes its own
   layers, weighted by their global ``layer_number``, and attaches its part.
+* Full activation recompute (``recompute_granularity="full"``) runs the
+  checkpointed layers without autograd in forward and again, with autograd,
+  in backward. Their JREG values are logged in forward, and each one's term
+  is queued on its layer (FIFO: micro-batches go backward in forward order)
+  and attached to the layer's output when the backward recomputes it, with
+  the layer's recomputed input: the same gradient as without recompute.
+  SimReg reads the last layer's output (``pre_norm``) or the final norm's,
+  which autograd reaches from outside the checkpoint. Selective recompute
+  is inside the layers and changes nothing here.
 * SimReg: on the last stage, the decoder's output (the final norm's output,
   ``representation="post_norm"``) or the last layer's output (``"pre_norm"``),
   with the ``labels`` and ``loss_mask`` passed to ``GPTModel.forward``. With
@@ -32,13 +41,14 @@ What is read, and where:
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..config import JRegConfig, SimRegConfig
-from ..losses.jreg import layer_distance_sums, layer_weights
+from ..losses.jreg import layer_distance_sums, layer_weights, token_distances
 from ..parallel.simreg_parallel import ShardLayout, parallel_simreg_terms
 from . import compat, tracker
 from .step import STEP, RegLossAutoScaler, count_factor, loss_scale, wrap_forward_step
@@ -103,7 +113,16 @@ class _Capture:
     def __init__(self):
         self.layer_input = None
         self.layer_outputs = []  # [(global layer_number, [s_local, b, h])]
+        self.without_grad = set()  # layer numbers run without autograd (full recompute's checkpointed layers)
         self.final = None
+
+
+class _Deferred(NamedTuple):
+    """A checkpointed layer's JREG term for one micro-batch, attached when the backward recomputes the layer."""
+
+    valid: torch.Tensor  # [s_local, b] bool
+    scale: object  # multiplies the layer's distance sum: weight, normalization, loss scale
+    metric: str
 
 
 def _install_hooks(model) -> None:
@@ -111,27 +130,41 @@ def _install_hooks(model) -> None:
         return
     handles = []
     layers = list(model.decoder.layers)
+    pending = {layer.layer_number: deque() for layer in layers}  # layer_number -> _Deferred per micro-batch
+    recompute_inputs = {}
 
     def on_input(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cap = model._megatron_simreg_capture
-        if cap is not None and cap.layer_input is None:
-            cap.layer_input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if cap is not None:
+            if cap.layer_input is None:
+                cap.layer_input = hidden
+        elif pending[module.layer_number] and torch.is_grad_enabled():  # the backward recomputes this layer
+            recompute_inputs[module.layer_number] = hidden
 
     def on_output(module, args, output):
         cap = model._megatron_simreg_capture
+        hidden = compat.layer_output_hidden(output)
         if cap is not None:
-            cap.layer_outputs.append((module.layer_number, compat.layer_output_hidden(output)))
+            cap.layer_outputs.append((module.layer_number, hidden))
+            if not torch.is_grad_enabled():
+                cap.without_grad.add(module.layer_number)
+        elif pending[module.layer_number] and torch.is_grad_enabled():
+            term = pending[module.layer_number].popleft()
+            d = token_distances(recompute_inputs.pop(module.layer_number), hidden, term.metric)
+            reg = (term.scale * (d * term.valid).sum()).reshape(())
+            return compat.replace_layer_output_hidden(output, RegLossAutoScaler.apply(hidden, reg))
 
     def on_decoder_output(module, args, output):
         cap = model._megatron_simreg_capture
         if cap is not None:
             cap.final = compat.layer_output_hidden(output)
 
-    if layers:
-        handles.append(layers[0].register_forward_pre_hook(on_input, with_kwargs=True))
+    handles += [layer.register_forward_pre_hook(on_input, with_kwargs=True) for layer in layers]
     handles += [layer.register_forward_hook(on_output) for layer in layers]
     handles.append(model.decoder.register_forward_hook(on_decoder_output))
     model._megatron_simreg_hooks = handles
+    model._megatron_simreg_pending = pending
     model._megatron_simreg_capture = None
 
 
@@ -152,8 +185,10 @@ def _reduce_sum(t: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
     return t
 
 
-def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout):
-    """This stage's attached JREG tensor; records its share of R for logging."""
+def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout, ls):
+    """This stage's attached JREG tensor (before the loss scale ``ls``); records its share of R for logging.
+
+    The terms of layers that ran without autograd are queued on them instead (see the module docstring)."""
     if not cap.layer_outputs or cap.layer_input is None:
         return None
     states = [cap.layer_input] + [h for _, h in cap.layer_outputs]  # [s_local, b, h] each
@@ -166,9 +201,16 @@ def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout):
     weights = [w_all[cap.layer_outputs[i][0] - 1] for i in pairs]
     weighted = sum((w * d for w, d in zip(weights, sums)), sums.new_zeros(()))
     tracker.record("jreg", weighted, count, layout.reduce_groups())  # reduced once per step, in report()
-    if model.config.calculate_per_token_loss:
-        return cfg.weight * weighted
-    return cfg.weight * weighted / (n_tok_mb.clamp_min(1) * STEP.num_microbatches)
+    scale = (cfg.weight if model.config.calculate_per_token_loss
+             else cfg.weight / (n_tok_mb.clamp_min(1) * STEP.num_microbatches))
+    now = []
+    for w, d, i in zip(weights, sums, pairs):
+        n = cap.layer_outputs[i][0]
+        if n in cap.without_grad:
+            model._megatron_simreg_pending[n].append(_Deferred(mask == 1, ls * w * scale, cfg.metric))
+        else:
+            now.append(w * d)
+    return scale * torch.stack(now).sum() if now else None
 
 
 def _simreg_term(model, hidden, labels, loss_mask, cfg: SimRegConfig, layout):
@@ -208,10 +250,11 @@ def _attach(model, out, cap: _Capture, labels, loss_mask):
         s_cp = labels.shape[1] if labels is not None else some.shape[0] * (layout.tp if layout.sequence_parallel else 1)
         loss_mask = torch.ones(b, s_cp, device=some.device)
     n_tok_mb = (loss_mask == 1).sum().to(torch.float32)
+    ls = loss_scale(some.device)
     attached = []
     if jreg is not None:
         local = layout.local_slice(loss_mask.shape[1])
-        term = _jreg_term(model, cap, jreg, loss_mask[:, local].transpose(0, 1), n_tok_mb, layout)
+        term = _jreg_term(model, cap, jreg, loss_mask[:, local].transpose(0, 1), n_tok_mb, layout, ls)
         if term is not None:
             attached.append(term)
     if simreg is not None and model.post_process and labels is not None:
@@ -220,7 +263,12 @@ def _attach(model, out, cap: _Capture, labels, loss_mask):
     if not attached:
         return out
     reg = torch.stack([t.float() for t in attached]).sum()
-    return RegLossAutoScaler.apply(out, (loss_scale(reg.device) * reg).reshape(()))
+    if out.requires_grad and not reg.requires_grad:  # never log a term that contributes no gradient
+        raise RuntimeError(
+            "megatron-simreg: the SimReg/JREG term has no autograd history (states captured without autograd, e.g. "
+            "under an activation-recompute path it does not know); refusing to train without it."
+        )
+    return RegLossAutoScaler.apply(out, (ls * reg).reshape(()))
 
 
 def _refuse_schedule_plan(original):
