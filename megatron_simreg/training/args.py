@@ -52,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--nproc-per-node", type=int, default=None,
                    help="start this many local processes (only when not already launched: RANK unset)")
+    g = p.add_argument_group("activation recompute (Megatron-LM's flags)")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],
+                   help="full: recompute whole layers in backward; selective: core attention only")
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"],
+                   help="with full: checkpoint chunks of --recompute-num-layers layers (uniform), or only the first "
+                        "--recompute-num-layers layers of each pipeline stage (block)")
+    g.add_argument("--recompute-num-layers", type=int, default=None)
     g = p.add_argument_group("backend")
     g.add_argument("--deepspeed", action="store_true", help="DeepSpeed engine instead of Megatron DDP")
     g.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
@@ -140,6 +147,20 @@ def validate(a: argparse.Namespace) -> None:
         raise ValueError("--seq-length must be divisible by tensor x context parallel size with --sequence-parallel")
     if a.context_parallel_size > 1 and a.seq_length % (2 * a.context_parallel_size):
         raise ValueError("--seq-length must be divisible by 2 * --context-parallel-size (zigzag layout)")
+    stage_layers = a.num_layers // a.pipeline_model_parallel_size
+    if a.recompute_granularity == "full":
+        if a.recompute_method is None or a.recompute_num_layers is None:
+            raise ValueError("--recompute-granularity full needs --recompute-method uniform|block and "
+                             "--recompute-num-layers N")
+        if not 1 <= a.recompute_num_layers <= stage_layers:
+            raise ValueError(f"--recompute-num-layers must be between 1 and the layers per pipeline stage "
+                             f"({stage_layers}), got {a.recompute_num_layers}")
+        if a.recompute_method == "uniform" and stage_layers % a.recompute_num_layers:
+            raise ValueError(f"--recompute-method uniform needs --recompute-num-layers ({a.recompute_num_layers}) to "
+                             f"divide the layers per pipeline stage ({stage_layers})")
+    elif a.recompute_method is not None or a.recompute_num_layers is not None:
+        raise ValueError("--recompute-method and --recompute-num-layers go with --recompute-granularity full "
+                         "(selective recompute takes neither)")
     if a.num_experts and tp > 1 and not a.sequence_parallel:
         raise ValueError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (Megatron-core rule)")
     if a.deepspeed and a.pipeline_model_parallel_size > 1:

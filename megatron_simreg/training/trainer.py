@@ -76,7 +76,9 @@ def build_model(args, vocab_size: int):
         cp=args.context_parallel_size, sp=args.sequence_parallel,
         dtype=torch.bfloat16 if args.bf16 else torch.float32, normalization=args.normalization,
         gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
-        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout, **moe,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers, **moe,
     )
     return build_gpt(shape, config, position_embedding_type=args.position_embedding_type), config
 
