@@ -15,7 +15,7 @@ on every rank, so logs are the same under any layout.
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,11 +24,12 @@ from ..megatron.step import STEP
 from ..parallel.comm import comm_device
 
 
-# The ``metadata`` Megatron-LM passes to ``sharded_state_dict`` (its ``_build_sharded_state_dict_metadata``),
-# except the distributed optimizer's format: "fully_sharded_model_space" stores each parameter's slice of the
-# canonical per-parameter state (fp32 main param, Adam moments), each written once and reshardable over
-# TP/PP/DP, where Megatron-LM's default "dp_reshardable" reshards over DP only.
-SHARDED_STATE_DICT_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space",
+# The ``metadata`` Megatron-LM passes to ``sharded_state_dict`` (its ``_build_sharded_state_dict_metadata``) with
+# ``--dist-ckpt-optim-fully-reshardable``: the distributed optimizer stores each parameter's fp32 main copy and Adam
+# moments in the parameter's own shape (like a regular optimizer), so a resume may change TP/PP/DP. Megatron-LM's
+# default "dp_reshardable" reshards over DP only; "fully_sharded_model_space" fails in megatron-core 0.16.1
+# ("ShardedTensor.flattened_range is not supported").
+SHARDED_STATE_DICT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                                "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
@@ -124,19 +125,25 @@ class MegatronBackend:
     # Megatron's checkpoint: megatron-core dist_checkpointing (format torch_dist), Megatron-LM's state dict keys.
     reshardable = True  # dist_checkpointing reshards on load: any TP/PP/DP layout may resume it
 
-    def _sharded_state_dict(self, iteration: int, is_loading: bool, optim: bool, rng: bool) -> dict:
+    def _sharded_state_dict(self, iteration: int, is_loading: bool, optim: bool, rng: bool,
+                            saved_metadata: Optional[dict] = None) -> dict:
         """``{"model", "optimizer", "opt_param_scheduler", "rng_state", ...}`` as Megatron-LM's ``generate_state_dict``.
 
         Tensors are ``ShardedTensor``s (global shape + this rank's offsets), so
         a load at another layout takes its own slices; DP replicas are written
-        by one rank only.
+        by one rank only. ``saved_metadata``: the checkpoint's own (a load
+        follows the format it was written in, e.g. Megatron-LM's "dp_reshardable").
         """
         from megatron.core import parallel_state as ps
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         from .checkpoint import rng_state
 
-        metadata = {**SHARDED_STATE_DICT_METADATA, "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+        metadata = {**SHARDED_STATE_DICT_METADATA, **(saved_metadata or {}),
+                    "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
+                    # the distributed optimizer gathers its state over NCCL from CUDA tensors, or, in this
+                    # (Megatron-LM's --distrib-optim-fully-reshardable-mem-efficient) mode, over gloo from CPU ones
+                    "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
         state = {"checkpoint_version": 3.0, "iteration": iteration,
                  "model": self.model.module.sharded_state_dict(metadata=metadata)}
         if optim:
@@ -162,19 +169,35 @@ class MegatronBackend:
                                                     ps.get_data_parallel_group(with_context_parallel=True))
         dist_checkpointing.save(state, directory, strategy, content_metadata=dict(SHARDED_STATE_DICT_METADATA))
 
+    def _init_distributed_optimizer_state(self) -> None:
+        """Give a fresh DistributedOptimizer the Adam state its ``sharded_state_dict`` reads.
+
+        Its ``state_dict()`` asserts on each param's ``"step"``, which torch's
+        AdamW (the optimizer without TE/apex, as on CPU) makes only at its
+        first step. megatron-core's own remedy (used before its FSDP loads):
+        one step on zero gradients. The load then overwrites all it touched.
+        """
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+                opt._init_optimizer_states_with_dummy_values()
+
     def read_checkpoint(self, directory: str, load_optim: bool, load_rng: bool) -> None:
         from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.api import CheckpointException
 
-        from .checkpoint import CheckpointError, set_rng_state
+        from .checkpoint import CheckpointError, reason, set_rng_state
 
+        if load_optim:
+            self._init_distributed_optimizer_state()
         try:
-            state = self._sharded_state_dict(0, is_loading=True, optim=load_optim, rng=load_rng)
+            state = self._sharded_state_dict(0, is_loading=True, optim=load_optim, rng=load_rng,
+                                             saved_metadata=dist_checkpointing.load_content_metadata(directory))
             loaded = dist_checkpointing.load(state, directory)
-        except Exception as e:  # noqa: BLE001 - whatever failed, the checkpoint cannot be resumed
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise CheckpointError(f"cannot read checkpoint {directory} ({type(e).__name__}: {first}); it is "
-                                  "corrupt, incomplete or not a Megatron torch_dist checkpoint: point --load at "
-                                  "another checkpoint") from e
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - whatever failed, it cannot be resumed
+            raise CheckpointError(f"cannot read checkpoint {directory} ({reason(e)}); it is corrupt, incomplete "
+                                  "or not a Megatron torch_dist checkpoint: point --load at another checkpoint") from e
         self.model.module.load_state_dict(loaded["model"])
         if load_optim:
             self.optimizer.load_state_dict(loaded["optimizer"])

@@ -196,6 +196,17 @@ def load_rank_file(path: str) -> Dict[str, Any]:
                               "incomplete: point --load at another checkpoint") from e
 
 
+def reason(e: BaseException) -> str:
+    """One line saying why a read failed; torch DCP's ``CheckpointException`` (a ``BaseException``) wraps each
+    failed rank's exception."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (inner, _) = next(iter(failures.items()))
+        return f"rank {rank}: {reason(inner)}"
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str, reshardable: bool = False) -> None:
     """Fail, listing every differing field, when the model (or, unless ``reshardable``, the layout) differs."""
     keys = sorted(k for k in set(saved) | set(current) if not (reshardable and k in LAYOUT_KEYS))
