@@ -20,6 +20,8 @@ What is read, and where:
   is queued on its layer (FIFO: micro-batches go backward in forward order)
   and attached to the layer's output when the backward recomputes it, with
   the layer's recomputed input: the same gradient as without recompute.
+  (A training forward whose backward never runs would leave its terms
+  queued: run forward-only passes under ``torch.no_grad()`` or ``eval()``.)
   SimReg reads the last layer's output (``pre_norm``) or the final norm's,
   which autograd reaches from outside the checkpoint. Selective recompute
   is inside the layers and changes nothing here.
@@ -203,11 +205,11 @@ def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout, ls
     tracker.record("jreg", weighted, count, layout.reduce_groups())  # reduced once per step, in report()
     scale = (cfg.weight if model.config.calculate_per_token_loss
              else cfg.weight / (n_tok_mb.clamp_min(1) * STEP.num_microbatches))
-    now = []
+    now, valid = [], mask == 1
     for w, d, i in zip(weights, sums, pairs):
         n = cap.layer_outputs[i][0]
         if n in cap.without_grad:
-            model._megatron_simreg_pending[n].append(_Deferred(mask == 1, ls * w * scale, cfg.metric))
+            model._megatron_simreg_pending[n].append(_Deferred(valid, ls * w * scale, cfg.metric))
         else:
             now.append(w * d)
     return scale * torch.stack(now).sum() if now else None
