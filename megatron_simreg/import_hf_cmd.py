@@ -6,13 +6,13 @@ import sys
 def add_arguments(p):
     p.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--save", required=True, help="checkpoint directory to write (iteration 0)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--data-parallel-size", type=int, default=1,
-                   help="data-parallel ranks of the training run that will --load it (rank files are copied)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="pads the vocabulary to a multiple of --make-vocab-size-divisible-by x this; any TP/PP/DP "
+                        "layout can load the checkpoint")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="checks the layers split evenly")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     p.add_argument("--seq-length", type=int, default=None, help="default: max_position_embeddings")
-    p.add_argument("--seed", type=int, default=1234, help="seeds the RNG states stored with the checkpoint")
+    p.add_argument("--seed", type=int, default=1234, help="recorded in meta.json (no RNG state is stored)")
     p.add_argument("--verify", action="store_true",
                    help="run Megatron and transformers on the same tokens; exit 1 above max |dlogit| 1e-4")
 
@@ -23,7 +23,7 @@ def main(args) -> int:
 
     try:
         parity = import_hf(args.hf, args.save, tp=args.tensor_model_parallel_size,
-                           pp=args.pipeline_model_parallel_size, dp=args.data_parallel_size,
+                           pp=args.pipeline_model_parallel_size,
                            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                            seq_length=args.seq_length, seed=args.seed, verify=args.verify)
     except ConversionError as e:

@@ -1,11 +1,11 @@
 """Checkpoint conversion between our Megatron-core checkpoints and Hugging Face ``transformers``
 (dense -> ``LlamaForCausalLM``, MoE -> ``MixtralForCausalLM``), with parity checks."""
 
-from .layout import (ConversionError, fuse_gate_up, fuse_qkv, hf_to_megatron, megatron_to_hf, merge_pp, merge_tp,
-                     split_gate_up, split_pp, split_qkv, split_tp)
+from .layout import (ConversionError, fuse_gate_up, fuse_qkv, hf_to_megatron, megatron_to_hf, merge_tp, split_gate_up,
+                     split_qkv)
 
-__all__ = ["ConversionError", "fuse_qkv", "split_qkv", "fuse_gate_up", "split_gate_up", "merge_tp", "split_tp",
-           "merge_pp", "split_pp", "megatron_to_hf", "hf_to_megatron", "export_hf", "import_hf"]
+__all__ = ["ConversionError", "fuse_qkv", "split_qkv", "fuse_gate_up", "split_gate_up", "merge_tp", "megatron_to_hf",
+           "hf_to_megatron", "export_hf", "import_hf"]
 
 
 def export_hf(*args, **kwargs):

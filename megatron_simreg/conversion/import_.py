@@ -1,79 +1,62 @@
 """``import-hf``: a ``transformers`` Llama/Mixtral directory -> one of our checkpoints (Megatron backend).
 
-The checkpoint holds model weights only (no optimizer state): continue with
-``megatron-simreg train --load CKPT --no-load-optim`` and the same model and
-layout flags (``meta.json``'s ``model`` lists them).
+The checkpoint is a dist_checkpointing one holding model weights only (no
+optimizer state, no RNG): continue with ``megatron-simreg train --load CKPT
+--no-load-optim`` and the same model flags (``meta.json``'s ``model`` lists
+them), at any TP/PP/DP layout.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from typing import Optional
 
 import torch
 
 from ..training import checkpoint as ckpt
 from .hf_side import megatron_settings_from_hf
-from .layout import ConversionError, hf_to_megatron, split_pp, split_tp
-
-_LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+from .layout import ConversionError, hf_to_megatron
 
 
-def _with_extra_state(sd):
-    """The ``_extra_state`` entries Megatron's linears carry in their state dicts (``None`` for the local spec)."""
-    out = dict(sd)
-    for k in sd:
-        parts = k.rsplit(".", 2)
-        if k.endswith(".weight") and len(parts) == 3 and parts[1] in _LINEARS:
-            out[f"{parts[0]}.{parts[1]}._extra_state"] = None
-    if any(k.startswith("decoder.final_layernorm") for k in sd):
-        out["output_layer._extra_state"] = None
-    return out
+class _ModelOnly:
+    """What :func:`~..training.checkpoint.save` asks of a backend, for a model without an optimizer."""
+
+    def __init__(self, gpt):
+        self.gpt = gpt
+
+    def write_checkpoint(self, directory: str, iteration: int) -> None:
+        from .megatron_side import save_dist_checkpoint
+
+        save_dist_checkpoint(self.gpt, directory)
 
 
-def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, dp: int = 1, make_vocab_size_divisible_by: int = 128,
+def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_divisible_by: int = 128,
               seq_length: Optional[int] = None, seed: int = 1234, verify: bool = False, log=print):
-    """Write checkpoint iteration 0 under ``save``; returns the :class:`~.verify.Parity` with ``verify``."""
+    """Write checkpoint iteration 0 under ``save``; returns the :class:`~.verify.Parity` with ``verify``.
+
+    ``tp`` sets the vocabulary padding (a multiple of ``make_vocab_size_divisible_by * tp``) and, with
+    ``pp``, the layout recorded in ``meta.json``; any layout can load the checkpoint.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .megatron_side import SingleProcessMegatron, build_megatron_model
 
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ConversionError(f"--hf {hf_dir}: no config.json there; not a transformers model directory")
     cfg = AutoConfig.from_pretrained(hf_dir)
-    settings = megatron_settings_from_hf(cfg, tp, pp, dp, make_vocab_size_divisible_by, seq_length)
+    settings = megatron_settings_from_hf(cfg, tp, pp, 1, make_vocab_size_divisible_by, seq_length)
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     hf_state = {k: v.detach() for k, v in hf_model.state_dict().items()}
     full = hf_to_megatron(hf_state, settings)
-    tied = not settings["untie_embeddings_and_output_weights"]
 
-    final = ckpt.iteration_dir(save, 0)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    stages = split_pp(full, pp, settings["num_layers"], tied)
-    ranks = []
-    for p, stage in enumerate(stages):
-        shards = split_tp(stage, tp, swiglu=True)
-        for d in range(dp):
-            for t, shard in enumerate(shards):
-                rank = t + tp * d + tp * dp * p  # Megatron's default order tp-cp-ep-dp-pp
-                ranks.append({"rank": rank, "tp": t, "pp": p, "cp": 0, "dp": d})
-                torch.save({"model": _with_extra_state(shard)}, os.path.join(tmp, f"rank_{rank:05d}.pt"))
     sp_model = os.path.join(hf_dir, "tokenizer.model")
-    meta = {"iteration": 0, "model": settings, "backend": "megatron", "ranks": sorted(ranks, key=lambda r: r["rank"]),
+    meta = {"model": settings, "backend": "megatron",
             "tokenizer_model": os.path.abspath(sp_model) if os.path.isfile(sp_model) else None,
             "imported_from": os.path.abspath(hf_dir), "hf_vocab_size": cfg.vocab_size,
             "args": {"seed": seed}}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    with open(os.path.join(save, ckpt.POINTER + ".tmp"), "w") as f:
-        f.write("0")
-    os.replace(os.path.join(save, ckpt.POINTER + ".tmp"), os.path.join(save, ckpt.POINTER))
-    log(f"imported {hf_dir} ({type(hf_model).__name__}) to {final}: TP={tp} PP={pp} DP={dp}, padded vocab "
+    with SingleProcessMegatron():
+        final = ckpt.save(save, 0, meta, _ModelOnly(build_megatron_model(settings, full)))
+    log(f"imported {hf_dir} ({type(hf_model).__name__}) to {final}: padded vocab "
         f"{settings['padded_vocab_size']}. Continue with: megatron-simreg train --load {save} --no-load-optim "
         f"(+ the model flags in meta.json)")
     if not verify:
@@ -81,7 +64,7 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, dp: int = 1, mak
     from .megatron_side import load_megatron_checkpoint
     from .verify import compare
 
-    # read back what was written (exercises the TP/PP merge of the files themselves)
+    # read back what was written (through dist_checkpointing, as export-hf and the trainer read it)
     merged, _, _ = load_megatron_checkpoint(save, 0)
     parity = compare(settings, merged, hf_model, cfg.vocab_size)
     log(str(parity))

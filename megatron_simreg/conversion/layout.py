@@ -2,9 +2,9 @@
 
 "Full" Megatron state dicts here are the PP=1, TP=1 view: the global parameter
 names a ``GPTModel`` with every layer would have, unsharded, and without the
-``_extra_state`` entries. :func:`merge_tp` / :func:`split_tp` convert between
-that view and per-TP-rank shards; :func:`merge_pp` / :func:`split_pp` between
-it and per-stage dicts (local layer numbers).
+``_extra_state`` entries. Megatron-backend checkpoints reach this view through
+dist_checkpointing (loaded into a TP=1/PP=1 model, which reshards them);
+:func:`merge_tp` builds it from DeepSpeed's per-TP-rank files.
 
 The details that break conversions:
 
@@ -135,83 +135,6 @@ def merge_tp(shards: List[Dict[str, torch.Tensor]], swiglu: bool) -> Dict[str, t
         dim, stride = rule
         per = [_chunks(t, stride, dim) for t in ts]
         out[k] = torch.cat([per[r][s] for s in range(stride) for r in range(len(ts))], dim=dim)
-    return out
-
-
-def split_tp(full: Dict[str, torch.Tensor], tp: int, swiglu: bool) -> List[Dict[str, torch.Tensor]]:
-    """The inverse of :func:`merge_tp`."""
-    out = [{} for _ in range(tp)]
-    for k, t in full.items():
-        rule = tp_rule(k, swiglu) if tp > 1 else None
-        if rule is None:
-            for r in range(tp):
-                out[r][k] = t.clone()
-            continue
-        dim, stride = rule
-        chunks = _chunks(t, tp * stride, dim)
-        for r in range(tp):
-            out[r][k] = torch.cat(chunks[r::tp], dim=dim).clone()
-    return out
-
-
-# ----------------------------------------------------------------------------
-# pipeline parallelism
-# ----------------------------------------------------------------------------
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-
-
-def stage_layer_counts(stage_dicts: List[Dict[str, torch.Tensor]]) -> List[int]:
-    counts = []
-    for d in stage_dicts:
-        ids = {int(m.group(1)) for m in map(_LAYER.match, d) if m}
-        if ids and ids != set(range(len(ids))):
-            raise ConversionError(f"a pipeline stage holds layers {sorted(ids)}, expected 0..{len(ids) - 1}")
-        counts.append(len(ids))
-    return counts
-
-
-def merge_pp(stage_dicts: List[Dict[str, torch.Tensor]], tied: bool) -> Dict[str, torch.Tensor]:
-    """Per-stage dicts (local layer numbers) -> global layer numbers. The last stage's copy of a tied
-    output weight is dropped (the first stage's embedding is the original)."""
-    out, offset = {}, 0
-    counts = stage_layer_counts(stage_dicts)
-    last = len(stage_dicts) - 1
-    for p, d in enumerate(stage_dicts):
-        for k, t in d.items():
-            m = _LAYER.match(k)
-            if m:
-                out[f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}"] = t
-            elif k == "output_layer.weight" and tied:
-                continue
-            elif k.startswith("embedding.") and p != 0:
-                continue
-            else:
-                out[k] = t
-        offset += counts[p]
-        if p == last and not tied and "output_layer.weight" not in d:
-            raise ConversionError("the last pipeline stage has no output_layer.weight")
-    return out
-
-
-def split_pp(full: Dict[str, torch.Tensor], pp: int, num_layers: int, tied: bool) -> List[Dict[str, torch.Tensor]]:
-    """The inverse of :func:`merge_pp` (even split, as Megatron's default); with PP > 1 and tied
-    embeddings the last stage gets its own copy of the embedding as ``output_layer.weight``."""
-    if num_layers % pp:
-        raise ConversionError(f"{num_layers} layers cannot be split evenly over {pp} pipeline stages")
-    per = num_layers // pp
-    out = [{} for _ in range(pp)]
-    for k, t in full.items():
-        m = _LAYER.match(k)
-        if m:
-            g = int(m.group(1))
-            out[g // per][f"decoder.layers.{g % per}.{m.group(2)}"] = t
-        elif k.startswith("embedding."):
-            out[0][k] = t
-        else:  # final norm, output layer
-            out[pp - 1][k] = t
-    if tied and pp > 1:
-        out[pp - 1]["output_layer.weight"] = full["embedding.word_embeddings.weight"].clone()
     return out
 
 

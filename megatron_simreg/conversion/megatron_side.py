@@ -1,5 +1,5 @@
 """Reading our checkpoints (both backends) into one full state dict, and building a single-process
-Megatron model for parity checks."""
+Megatron model for parity checks and for reading/writing Megatron-backend checkpoints."""
 
 from __future__ import annotations
 
@@ -9,35 +9,40 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..training import checkpoint as ckpt
-from .layout import ConversionError, merge_pp, merge_tp, normalize_megatron_names
+from .layout import ConversionError, merge_tp, normalize_megatron_names
 
 DEFAULT_ROTARY_BASE = 10000.0
 DEFAULT_EPS = 1e-5
 
 
-def _rank_table(meta: dict) -> list:
-    m = meta["model"]
-    tp, pp = m["tensor_model_parallel_size"], m["pipeline_model_parallel_size"]
-    if meta.get("ranks"):
-        return meta["ranks"]
-    # Megatron's default order tp-cp-ep-dp-pp (tp fastest)
-    dp = m.get("data_parallel_size", 1)
-    return [{"rank": t + tp * d + tp * dp * p, "tp": t, "pp": p, "cp": 0, "dp": d}
-            for p in range(pp) for d in range(dp) for t in range(tp)]
+def _deepspeed_model(directory: str, model: dict) -> Dict[str, torch.Tensor]:
+    """DeepSpeed's ``mp_rank_XX_model_states.pt`` (one per TP rank; ZeRO 1/2 keep whole weights there), merged."""
+    if model["pipeline_model_parallel_size"] > 1:
+        raise ConversionError("a DeepSpeed checkpoint with pipeline parallelism is not supported")
+    shards = []
+    for t in range(model["tensor_model_parallel_size"]):
+        path = os.path.join(directory, "deepspeed", "state", f"mp_rank_{t:02d}_model_states.pt")
+        if not os.path.isfile(path):
+            raise ConversionError(f"checkpoint file {path} is missing: the checkpoint is partial (copy every "
+                                  "rank's file, or point --load at a complete checkpoint)")
+        state = ckpt.load_rank_file(path)
+        if "module" not in state:
+            raise ConversionError(f"{path} has no 'module' entry (keys: {sorted(state)[:8]}); not a model checkpoint")
+        shards.append(normalize_megatron_names(state["module"]))
+    return merge_tp(shards, swiglu=bool(model.get("swiglu")))
 
 
-def _load(path: str, key: str) -> Dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise ConversionError(f"checkpoint file {path} is missing: the checkpoint is partial (copy every rank's "
-                              "file, or point --load at a complete checkpoint)")
-    state = ckpt.load_rank_file(path)
-    if key not in state:
-        raise ConversionError(f"{path} has no {key!r} entry (keys: {sorted(state)[:8]}); not a model checkpoint")
-    return state[key]
+def _megatron_model(directory: str, meta: dict) -> Dict[str, torch.Tensor]:
+    """A dist_checkpointing checkpoint loaded into a TP=1/PP=1 model: dist_checkpointing does the merge."""
+    bf16 = bool(meta.get("args", {}).get("bf16"))
+    with SingleProcessMegatron():
+        gpt = build_megatron_model(meta["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
+        load_dist_checkpoint(gpt, directory)
+        return {k: v.detach().float() for k, v in normalize_megatron_names(gpt.state_dict()).items()}
 
 
 def load_megatron_checkpoint(load: str, iteration: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], dict, str]:
-    """``(full_state_dict, meta, iteration_dir)``: TP shards concatenated, PP stages renumbered."""
+    """``(full_state_dict, meta, iteration_dir)``: the TP=1/PP=1 view of either backend's checkpoint."""
     if not os.path.isdir(load):
         raise ConversionError(f"--load {load}: no such directory")
     if iteration is None:
@@ -52,31 +57,10 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None) -> Tupl
     model = meta.get("model")
     if not model:
         raise ConversionError(f"{directory}/meta.json has no 'model' settings; not a megatron-simreg checkpoint")
-    tp, pp = model["tensor_model_parallel_size"], model["pipeline_model_parallel_size"]
-    backend = meta.get("backend", "megatron")
-    table = _rank_table(meta)
-    chosen = {}
-    for row in table:
-        if row.get("dp", 0) == 0 and row.get("cp", 0) == 0:
-            chosen[(row["pp"], row["tp"])] = row["rank"]
-    missing = [(p, t) for p in range(pp) for t in range(tp) if (p, t) not in chosen]
-    if missing:
-        raise ConversionError(f"{directory}/meta.json 'ranks' lacks (pp, tp) = {missing}")
-    stages = []
-    for p in range(pp):
-        shards = []
-        for t in range(tp):
-            if backend == "deepspeed":
-                if pp > 1:
-                    raise ConversionError("a DeepSpeed checkpoint with pipeline parallelism is not supported")
-                path = os.path.join(directory, "deepspeed", "state", f"mp_rank_{t:02d}_model_states.pt")
-                sd = _load(path, "module")
-            else:
-                sd = _load(os.path.join(directory, f"rank_{chosen[(p, t)]:05d}.pt"), "model")
-            shards.append(normalize_megatron_names(sd))
-        stages.append(merge_tp(shards, swiglu=bool(model.get("swiglu"))))
-    tied = not model.get("untie_embeddings_and_output_weights", False)
-    full = merge_pp(stages, tied)
+    if meta.get("backend", "megatron") == "deepspeed":
+        full = _deepspeed_model(directory, model)
+    else:
+        full = _megatron_model(directory, meta)
     n = sum(1 for k in full if k.endswith("input_layernorm.weight"))
     if n != model["num_layers"]:
         raise ConversionError(f"the checkpoint holds {n} layers but meta.json says num_layers={model['num_layers']}; "
@@ -126,8 +110,9 @@ class SingleProcessMegatron:
         return False
 
 
-def build_megatron_model(model: dict, state: Dict[str, torch.Tensor]):
-    """A TP=PP=1 fp32 GPTModel of ``model`` settings with ``state`` loaded (inside :class:`SingleProcessMegatron`)."""
+def build_megatron_model(model: dict, state: Optional[Dict[str, torch.Tensor]] = None, dtype=torch.float32):
+    """A TP=PP=1 GPTModel of ``model`` settings, with ``state`` (a full state dict) loaded when given
+    (inside :class:`SingleProcessMegatron`)."""
     import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -144,22 +129,47 @@ def build_megatron_model(model: dict, state: Dict[str, torch.Tensor]):
     extra = {}
     if model.get("num_experts"):
         extra = dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
-    config = transformer_config(shape, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+    swiglu = model.get("swiglu", True)
+    config = transformer_config(shape, dtype=dtype, normalization=model.get("normalization", "RMSNorm"),
+                                gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
                                 layernorm_epsilon=model.get("layernorm_epsilon", DEFAULT_EPS), **extra)
     gpt = GPTModel(config=config, transformer_layer_spec=layer_spec(config), vocab_size=shape.vocab_size,
                    max_sequence_length=shape.seq_length, pre_process=True, post_process=True,
-                   share_embeddings_and_output_weights=not shape.untie_embeddings, position_embedding_type="rope",
+                   share_embeddings_and_output_weights=not shape.untie_embeddings,
+                   position_embedding_type=model.get("position_embedding_type", "rope"),
                    rotary_base=model.get("rotary_base", DEFAULT_ROTARY_BASE))
+    gpt.eval()
+    if state is None:
+        return gpt
     own = normalize_megatron_names(gpt.state_dict())
     if set(own) != set(state):
         raise ConversionError(f"state/model key mismatch: missing {sorted(set(own) - set(state))[:5]}, "
                               f"unexpected {sorted(set(state) - set(own))[:5]}")
-    result = gpt.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    result = gpt.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     bad = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if bad or result.unexpected_keys:
         raise ConversionError(f"loading into GPTModel: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
-    gpt.eval()
     return gpt
+
+
+def load_dist_checkpoint(gpt, directory: str) -> None:
+    """Load the ``"model"`` of a dist_checkpointing checkpoint (any TP/PP layout) into ``gpt``."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        loaded = dist_checkpointing.load({"model": gpt.sharded_state_dict()}, directory)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure means it cannot be read
+        raise ConversionError(f"cannot read the Megatron checkpoint {directory} ({ckpt.reason(e)}); it is corrupt "
+                              "or incomplete") from e
+    gpt.load_state_dict(loaded["model"])
+
+
+def save_dist_checkpoint(gpt, directory: str) -> None:
+    """Write ``gpt``'s weights as a dist_checkpointing checkpoint (model only) that any layout can load."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save({"model": gpt.sharded_state_dict()}, directory)
 
 
 @torch.no_grad()
