@@ -438,7 +438,8 @@ def test_micro_batch_per_token_scale_under_cp():
 
 
 def test_combined_1f1b_schedule_is_refused():
-    """overlap_moe_expert_parallel_comm runs GPTModel.build_schedule_plan, never forward: refused, not silently unregularized."""
+    """overlap_moe_expert_parallel_comm runs GPTModel.build_schedule_plan, never forward: refused, not silently
+    trained without the regularizers."""
     from types import SimpleNamespace
 
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -512,10 +513,9 @@ def _gpu_without_te_spec(rank, world):
 
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=TINY["vocab_size"],
                      max_sequence_length=TINY["seq_length"])
-    norms = [n for n, p in model.named_parameters() if "norm" in n]
+    norms = {n: p for n, p in model.named_parameters() if "norm" in n}
     return {"wrapped_in_spec": torch_norm.WrappedTorchNorm in modules(spec), "te_gemm": moe_utils.te_general_gemm,
-            "sp_flagged": all(getattr(p, "sequence_parallel", False) for n, p in model.named_parameters() if n in norms),
-            "norms": norms}
+            "sp_flagged": all(getattr(p, "sequence_parallel", False) for p in norms.values()), "norms": list(norms)}
 
 
 def test_gpu_local_spec_without_te_supports_sequence_parallel():
