@@ -101,26 +101,40 @@ def assert_same_run(full, part, keys=("lm_loss", "simreg_loss", "jreg_loss", "lr
                 assert abs(ra[key] - rb[key]) <= rel * max(1.0, abs(ra[key])), (key, ra, rb)
 
 
+DIST_OPT = ["--use-distributed-optimizer", *REG]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    """The uninterrupted 4-iteration runs the resumed ones are compared with (each trained once)."""
+    runs = {}
+
+    def get(*flags):
+        if flags not in runs:
+            runs[flags] = str(tmp_path_factory.mktemp("full"))
+            train("--train-iters", "4", "--save", runs[flags], *flags, cache=cache)
+        return runs[flags]
+
+    return get
+
+
 @pytest.mark.parametrize("before,after", [(TP2, []), ([], TP2)], ids=["tp2-to-tp1", "tp1-to-tp2"])
-def test_resume_at_another_tensor_parallel_size(tmp_path, cache, before, after):
+def test_resume_at_another_tensor_parallel_size(tmp_path, cache, uninterrupted, before, after):
     """dist_checkpointing reshards on load: a run saved at one TP size continues at another as if uninterrupted."""
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train("--train-iters", "4", "--save", full, *REG, cache=cache)
+    part = str(tmp_path / "part")
     train("--train-iters", "4", "--save", part, "--exit-interval", "2", *REG, *before, cache=cache)
     train("--train-iters", "4", "--save", part, "--load", part, *REG, *after, cache=cache)
-    assert_same_run(full, part)
+    assert_same_run(uninterrupted(*REG), part)
 
 
 @pytest.mark.parametrize("after", [["--nproc-per-node", "2"], []], ids=["dp2", "dp2-to-dp1"])
-def test_resume_with_the_distributed_optimizer(tmp_path, cache, after):
+def test_resume_with_the_distributed_optimizer(tmp_path, cache, uninterrupted, after):
     """The distributed optimizer's fp32 main params and Adam moments survive a resume (also at another DP size)."""
-    dist_opt = ["--use-distributed-optimizer", *REG]
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train("--train-iters", "4", "--save", full, "--nproc-per-node", "2", *dist_opt, cache=cache)
-    train("--train-iters", "4", "--save", part, "--exit-interval", "2", "--nproc-per-node", "2", *dist_opt,
+    part = str(tmp_path / "part")
+    train("--train-iters", "4", "--save", part, "--exit-interval", "2", "--nproc-per-node", "2", *DIST_OPT,
           cache=cache)
-    train("--train-iters", "4", "--save", part, "--load", part, *after, *dist_opt, cache=cache)
-    assert_same_run(full, part)
+    train("--train-iters", "4", "--save", part, "--load", part, *after, *DIST_OPT, cache=cache)
+    assert_same_run(uninterrupted("--nproc-per-node", "2", *DIST_OPT), part)
 
 
 def test_a_checkpoint_holds_each_shard_once(tmp_path, cache):
