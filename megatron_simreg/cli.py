@@ -1,6 +1,6 @@
 """The ``megatron-simreg`` console script.
 
-Each subcommand lives in its own module, which exposes
+Each subcommand lives in its own module of :mod:`megatron_simreg.commands`, which exposes
 ``add_arguments(parser)`` and ``main(args) -> int`` (or ``run_argv(argv)``
 when it parses its own flags) and keeps its heavy
 imports (Megatron, DeepSpeed, transformers) inside ``main`` so that
@@ -15,17 +15,18 @@ import importlib
 import sys
 
 # name -> (module, one-line help)
+_C = "megatron_simreg.commands."
 COMMANDS = {
-    "demo": ("megatron_simreg.demo", "CPU demo: a tiny GPT trained with and without SimReg, with a report"),
-    "train": ("megatron_simreg.train_cmd", "pretrain a GPTModel (Megatron-LM flags, --config YAML)"),
-    "env": ("megatron_simreg.env_cmd", "versions, CUDA, TransformerEngine and NVIDIA apex"),
-    "export-hf": ("megatron_simreg.export_hf_cmd", "checkpoint -> Hugging Face (Llama / Mixtral), --verify parity"),
-    "import-hf": ("megatron_simreg.import_hf_cmd", "Hugging Face Llama / Mixtral -> checkpoint for train --load"),
-    "submit": ("megatron_simreg.submit_cmd", "submit train to SLURM: multi-node, preemption-safe auto-resume"),
-    "status": ("megatron_simreg.status_cmd", "a submitted run's SLURM state, last iteration and metrics"),
-    "compare": ("megatron_simreg.compare_cmd", "baseline vs SimReg vs JREG over models and seeds: runs, evaluation, "
+    "demo": (_C + "demo", "CPU demo: a tiny GPT trained with and without SimReg, with a report"),
+    "train": (_C + "train", "pretrain a GPTModel (Megatron-LM flags, --config YAML)"),
+    "env": (_C + "env", "versions, CUDA, TransformerEngine and NVIDIA apex"),
+    "export-hf": (_C + "export_hf", "checkpoint -> Hugging Face (Llama / Mixtral), --verify parity"),
+    "import-hf": (_C + "import_hf", "Hugging Face Llama / Mixtral -> checkpoint for train --load"),
+    "submit": (_C + "submit", "submit train to SLURM: multi-node, preemption-safe auto-resume"),
+    "status": (_C + "status", "a submitted run's SLURM state, last iteration and metrics"),
+    "compare": (_C + "compare", "baseline vs SimReg vs JREG over models and seeds: runs, evaluation, "
                 "report"),
-    "jump-strength": ("megatron_simreg.jump_strength_cmd", "HF causal LM: layer angular distances, JREG jump strength"),
+    "jump-strength": (_C + "jump_strength", "HF causal LM: layer angular distances, JREG jump strength"),
 }
 
 

@@ -32,11 +32,11 @@ def _cmd(module, argv):
 
 
 def export_cmd(*argv):
-    return _cmd("megatron_simreg.export_hf_cmd", list(argv))
+    return _cmd("megatron_simreg.commands.export_hf", list(argv))
 
 
 def import_cmd(*argv):
-    return _cmd("megatron_simreg.import_hf_cmd", list(argv))
+    return _cmd("megatron_simreg.commands.import_hf", list(argv))
 
 
 def cli(*argv, timeout=300):

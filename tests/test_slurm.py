@@ -28,13 +28,13 @@ TWO_NODES = ["--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1", "-
 
 
 def submit(*argv, env=None, timeout=240):
-    cmd = [sys.executable, "-m", "megatron_simreg.submit_cmd", *argv]
+    cmd = [sys.executable, "-m", "megatron_simreg.commands.submit", *argv]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 
 def status(run_dir, env):
-    cmd = [sys.executable, "-m", "megatron_simreg.status_cmd", str(run_dir)]
+    cmd = [sys.executable, "-m", "megatron_simreg.commands.status", str(run_dir)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **env})
 
 

@@ -8,7 +8,7 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    from .slurm.submit import status
+    from ..slurm.submit import status
 
     try:
         report, _ = status(args.run_dir)

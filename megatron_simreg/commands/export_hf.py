@@ -14,9 +14,9 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    from .conversion.export import export_hf
-    from .conversion.layout import ConversionError
-    from .training.checkpoint import CheckpointError
+    from ..conversion.export import export_hf
+    from ..conversion.layout import ConversionError
+    from ..training.checkpoint import CheckpointError
 
     try:
         parity = export_hf(args.load, args.out, iteration=args.iteration, dtype=args.dtype, verify=args.verify,

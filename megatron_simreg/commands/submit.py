@@ -73,8 +73,8 @@ def run_argv(argv) -> int:
 
 
 def main(args) -> int:
-    from .slurm import submit as sub
-    from .slurm.script import JobSpec, passthrough_env, render
+    from ..slurm import submit as sub
+    from ..slurm.script import JobSpec, passthrough_env, render
 
     train_argv = list(getattr(args, "train_argv", []) or [])
     run_dir = args.run_dir or os.path.join("runs", time.strftime("slurm-%Y%m%d-%H%M%S"))

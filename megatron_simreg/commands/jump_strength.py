@@ -52,7 +52,7 @@ def main(args) -> int:
     import json
     import os
 
-    from .analysis.hf_probe import ProbeError, analyze, load_causal_lm, max_positions, text_to_sequences
+    from ..analysis.hf_probe import ProbeError, analyze, load_causal_lm, max_positions, text_to_sequences
 
     def fail(message):
         print(f"jump-strength: error: {message}", file=sys.stderr)

@@ -20,7 +20,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .submit_cmd import add_cluster_arguments
+    from .submit import add_cluster_arguments
 
     p.add_argument("--grid", required=True, help="grid YAML (see examples/compare_tiny.yaml)")
     p.add_argument("--out", required=True, help="output directory: runs/, report.md, plots, results.json")
@@ -37,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from .compare import evaluate, report, runner, summary
-    from .compare.grid import GridError, load_grid
-    from .submit_cmd import cluster_fields
+    from ..compare import evaluate, report, runner, summary
+    from ..compare.grid import GridError, load_grid
+    from .submit import cluster_fields
 
     try:
         grid = load_grid(args.grid)
@@ -69,7 +69,7 @@ def main(args) -> int:
                 print(f"rerun this command when job {job} has ended to evaluate and report")
                 return 0
             if job is not None:
-                from .slurm.submit import wait
+                from ..slurm.submit import wait
 
                 wait(job)
         elif not args.report_only:
@@ -78,8 +78,8 @@ def main(args) -> int:
         print(f"compare: error: {e}", file=sys.stderr)
         return 1
 
-    from .conversion.layout import ConversionError
-    from .training.checkpoint import CheckpointError
+    from ..conversion.layout import ConversionError
+    from ..training.checkpoint import CheckpointError
 
     device = args.device or ("cuda" if _cuda() else "cpu")
     evals = {}

@@ -18,8 +18,8 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    from .conversion.import_ import import_hf
-    from .conversion.layout import ConversionError
+    from ..conversion.import_ import import_hf
+    from ..conversion.layout import ConversionError
 
     try:
         parity = import_hf(args.hf, args.save, tp=args.tensor_model_parallel_size,

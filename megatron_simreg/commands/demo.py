@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .analysis.convergence import read_metrics, speedup, tokens_to_target, validation_curve
+from ..analysis.convergence import read_metrics, speedup, tokens_to_target, validation_curve
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "demo_cpu.yaml"
 

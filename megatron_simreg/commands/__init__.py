@@ -1,0 +1,1 @@
+"""The ``megatron-simreg`` subcommands, one module each (registered in :mod:`megatron_simreg.cli`)."""
