@@ -136,7 +136,7 @@ class Acceptance:
         flags = _set(_set(_set(flags, "--lr", "0"), "--min-lr", "0"), "--lr-warmup-iters", "0")
         self.cli(*flags)
         got = self.metrics(cont)
-        want = _hf_losses(hf, flags, iterations=2)
+        want = _in_subprocess("_hf_losses", [str(hf), *flags[1:]])
         rel = [abs(got[i + 1]["lm_loss"] - want[i]) / want[i] for i in range(2)]
         tol = 2e-2  # bf16 Megatron vs fp32 transformers
         return max(rel) <= tol, (f"train {got[1]['lm_loss']:.4f}, {got[2]['lm_loss']:.4f} vs HF "
@@ -157,14 +157,7 @@ class Acceptance:
         return worst <= 1e-2, f"trains; max relative difference to the run without recompute {worst:.2e}"
 
     def te_norms(self):
-        code = ("import sys, json; from megatron_simreg.training.args import parse_train_args; "
-                "from tools.gpu_acceptance import _norm_gains; print(json.dumps(_norm_gains(parse_train_args("
-                "sys.argv[1:]))))")
-        out = subprocess.run([sys.executable, "-c", code, *self.train_flags()[1:]], cwd=ROOT, capture_output=True,
-                             text=True, env={**os.environ, **ENV}, timeout=600)
-        if out.returncode:
-            raise RuntimeError(out.stderr[-2000:])
-        gains = json.loads(out.stdout.strip().splitlines()[-1])
+        gains = _in_subprocess("_norm_gains", self.train_flags()[1:])
         bad = [n for n, ok in gains.items() if not ok]
         te = sum("layer_norm_weight" in n for n in gains)
         return bool(gains) and not bad, f"{len(gains)} norm gains ({te} TE fused), not 1: {bad or 'none'}"
@@ -183,6 +176,16 @@ class Acceptance:
         return 1 if failed else 0
 
 
+def _in_subprocess(name, argv):
+    """``name(argv)`` of this module run in a fresh process (it starts torch.distributed), its JSON result."""
+    code = f"import sys, json; from tools.gpu_acceptance import {name}; print(json.dumps({name}(sys.argv[1:])))"
+    out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, **ENV}, timeout=900)
+    if out.returncode:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _set(flags, name, value):
     """``flags`` with ``name`` set to ``value`` (argparse keeps a flag's last occurrence)."""
     return [*flags, name, value]
@@ -196,10 +199,13 @@ def _te_available() -> bool:
     return True
 
 
-def _norm_gains(args) -> dict:
+def _norm_gains(train_argv) -> dict:
     """{parameter name: whether it is all ones} for every norm gain of a freshly built and initialized model."""
     import torch
 
+    from megatron_simreg.training.args import parse_train_args
+
+    args = parse_train_args(train_argv)
     from megatron_simreg.megatron.param_names import NORM, param_role
     from megatron_simreg.parallel.process import init_distributed
     from megatron_simreg.training.trainer import build_model, padded_vocab
@@ -221,14 +227,15 @@ def _norm_gains(args) -> dict:
     return {n: bool((p.float() == 1).all()) for n, p in model.named_parameters() if param_role(n) == NORM}
 
 
-def _hf_losses(hf_dir: Path, train_flags, iterations: int) -> list:
-    """The transformers model's mean LM loss on each of the trainer's first global batches."""
+def _hf_losses(argv, iterations: int = 2) -> list:
+    """``argv = [hf_dir, *train flags]``: the transformers model's mean LM loss on each of the trainer's first
+    global batches."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from megatron_simreg.training.args import parse_train_args
 
-    args = parse_train_args(train_flags[1:])
+    hf_dir, args = argv[0], parse_train_args(argv[1:])
     samples = _trainer_batches(args, iterations)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     if torch.cuda.is_available():
@@ -250,8 +257,6 @@ def _hf_losses(hf_dir: Path, train_flags, iterations: int) -> list:
 
 def _trainer_batches(args, iterations: int) -> list:
     """The full-sequence micro-batches of the trainer's first ``iterations`` global batches (one process)."""
-    import torch.distributed as dist
-
     from megatron_simreg.parallel.process import init_distributed
 
     init_distributed()
@@ -263,10 +268,7 @@ def _trainer_batches(args, iterations: int) -> list:
     gbs = args.global_batch_size or args.micro_batch_size
     train_ds, _, _ = _datasets(args, gbs)
     batches = Batches(train_ds, gbs, args.micro_batch_size)
-    out = [batches.full(it) for it in range(iterations)]
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
-    return out
+    return [batches.full(it) for it in range(iterations)]
 
 
 def main(argv=None) -> int:
