@@ -46,7 +46,7 @@ def _bf16_steps(rank, world, distributed_optimizer):
 
     from megatron_simreg.training.args import parse_train_args
     from megatron_simreg.training.backends import MegatronBackend
-    from megatron_simreg.training.trainer import build_model
+    from megatron_simreg.training.model_setup import build_model
 
     args = parse_train_args(TINY_ARGS + ["--bf16"] + (["--use-distributed-optimizer"] if distributed_optimizer else []))
     ps.initialize_model_parallel()

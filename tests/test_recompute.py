@@ -33,7 +33,7 @@ def test_bad_recompute_flags_are_refused(flags, message, capsys):
 def _built_config(rank, world, flags):
     from megatron.core import parallel_state as ps
 
-    from megatron_simreg.training.trainer import build_model
+    from megatron_simreg.training.model_setup import build_model
 
     ps.initialize_model_parallel()
     _, config = build_model(parse_train_args(BASE + flags), 128)

@@ -285,7 +285,7 @@ def test_host_values_are_reduced_on_the_comm_device(monkeypatch):
     from megatron.core import parallel_state as ps
 
     from megatron_simreg.megatron import tracker
-    from megatron_simreg.training import backends, trainer
+    from megatron_simreg.training import backends, signals, trainer
 
     class Reached(Exception):
         pass
@@ -297,7 +297,7 @@ def test_host_values_are_reduced_on_the_comm_device(monkeypatch):
         raise Reached
 
     meta = lambda group=None: torch.device("meta")  # noqa: E731
-    for module in (trainer, backends, tracker):
+    for module in (trainer, signals, backends, tracker):
         monkeypatch.setattr(module, "comm_device", meta)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -306,7 +306,7 @@ def test_host_values_are_reduced_on_the_comm_device(monkeypatch):
     monkeypatch.setattr(ps, "get_pipeline_model_parallel_group", lambda: None)
     calls = [
         lambda: trainer._all_sum([1, 2]),
-        trainer._signal_received,
+        signals.signal_received,
         lambda: backends._global_sums(torch.zeros(2)),
     ]
     for groups in [("tp",), ()]:  # the shares' reduce over TP/CP, then (no such groups) the pipeline's

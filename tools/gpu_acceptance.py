@@ -208,7 +208,7 @@ def _norm_gains(train_argv) -> dict:
     args = parse_train_args(train_argv)
     from megatron_simreg.megatron.param_names import NORM, param_role
     from megatron_simreg.parallel.process import init_distributed
-    from megatron_simreg.training.trainer import build_model, padded_vocab
+    from megatron_simreg.training.model_setup import build_model, padded_vocab
 
     init_distributed()
     if not torch.cuda.is_available():
@@ -262,11 +262,11 @@ def _trainer_batches(args, iterations: int) -> list:
     init_distributed()
     from megatron.core import parallel_state as ps
 
-    from megatron_simreg.training.trainer import Batches, _datasets
+    from megatron_simreg.training.data import Batches, build_datasets
 
     ps.initialize_model_parallel()
     gbs = args.global_batch_size or args.micro_batch_size
-    train_ds, _, _ = _datasets(args, gbs)
+    train_ds, _, _ = build_datasets(args, gbs)
     batches = Batches(train_ds, gbs, args.micro_batch_size)
     return [batches.full(it) for it in range(iterations)]
 

@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Any, Dict, Optional
 
+import torch
+
 
 class MetricsWriter:
     def __init__(self, save_dir: Optional[str], tensorboard_dir: Optional[str], total_iters: int, start_iter: int,
@@ -61,3 +63,30 @@ class MetricsWriter:
         for h in (self.jsonl, self.tb, self.bar):
             if h is not None:
                 h.close()
+
+
+def tflops(n_params: float, args, tokens: int, seconds: float) -> float:
+    """Model TFLOP/s of ``tokens`` in ``seconds``, all ranks together."""
+    # 6 N per token for the dense matmuls (fwd + bwd), plus attention scores
+    attention = 12 * args.num_layers * args.hidden_size * args.seq_length
+    return (6 * n_params + attention) * tokens / seconds / 1e12
+
+
+def mem_gb() -> float:
+    """Peak memory of this process: CUDA allocations on GPU, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def moe_aux_loss(num_micro: int) -> float:
+    """The step's MoE load-balancing loss, from megatron-core's tracker (reduced across ranks, then cleared)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.reduce_aux_losses_tracker_across_ranks()
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    total = sum(float(v["values"].sum()) for v in tracker.values() if "values" in v) / max(num_micro, 1)
+    moe_utils.clear_aux_losses_tracker()
+    return total

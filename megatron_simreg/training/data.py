@@ -1,0 +1,89 @@
+"""What a run reads: megatron-core's GPTDataset splits, and each iteration's micro-batches for this rank.
+
+Sample ``i`` of the run is sample ``i`` of the train split (seeded by
+``--seed``), so the data order depends only on the iteration: a resumed run
+replays exactly the samples an uninterrupted run would have seen. Each
+data-parallel rank takes its contiguous slice of the global batch and splits
+it into micro-batches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class Batches:
+    """Micro-batches of iteration ``it`` for this rank, from a map-style GPT dataset.
+
+    A micro-batch is a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, each ``[b, s]``
+    (``[b, s / cp]`` after :meth:`local`)."""
+
+    def __init__(self, dataset, global_batch: int, micro_batch: int):
+        from megatron.core import parallel_state as ps
+
+        self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
+        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.per_rank = global_batch // dp
+        self.offset = rank * self.per_rank
+        self.cp, self.cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+
+    def full(self, it: int):
+        """This rank's samples of iteration ``it`` as full-sequence micro-batches."""
+        start = it * self.global_batch + self.offset
+        samples = [self.dataset[start + i] for i in range(self.per_rank)]
+        out = []
+        for m in range(0, self.per_rank, self.micro_batch):
+            group = samples[m:m + self.micro_batch]
+            out.append({k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in group])
+                        for k in ("tokens", "labels", "loss_mask", "position_ids")})
+        return out
+
+    def local(self, microbatches):
+        """Slice each micro-batch to this CP rank's zigzag positions and move it to the device."""
+        from ..parallel.simreg_parallel import zigzag_positions
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        out = []
+        for mb in microbatches:
+            if self.cp > 1:
+                pos = zigzag_positions(mb["tokens"].shape[1], self.cp, self.cp_rank)
+                mb = {k: v[:, pos] for k, v in mb.items()}
+            out.append({k: v.to(device) for k, v in mb.items()})
+        return out
+
+
+def build_datasets(args, gbs):
+    """``(train, valid or None, tokenizer)`` for ``--data-path`` or the default corpus; a collective."""
+    from ..data.datasets import build_gpt_datasets
+    from ..data.default_corpus import prepare_default_corpus
+    from ..data.tokenizer import Tokenizer
+
+    cache = args.data_cache_path or os.path.join(os.path.expanduser("~"), ".cache", "megatron_simreg")
+    if args.data_path:
+        data_path, tok_model = args.data_path, args.tokenizer_model
+    else:
+        prefix, tok_model = _on_rank0_first(lambda: prepare_default_corpus(cache))
+        data_path = [prefix]
+    tokenizer = Tokenizer(tok_model)
+    evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
+    num_samples = (args.train_iters * gbs, max(1, evals) * args.eval_iters * gbs, None)
+    # collective: Megatron's builder lets rank 0 build the index caches first
+    # Every rank reads its own samples (no TP broadcast), so every rank builds.
+    train, valid, _ = build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, tokenizer, num_samples,
+                                         cache, is_built_on_rank=lambda: True)
+    return train, (valid if args.eval_interval else None), tokenizer
+
+
+def _on_rank0_first(fn):
+    """Run ``fn`` on rank 0, then on the others: caches are built once."""
+    if dist.get_rank() == 0:
+        out = fn()
+        dist.barrier()
+    else:
+        dist.barrier()
+        out = fn()
+    return out
