@@ -64,12 +64,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache, backend):
      "--zero-stage", "1"],
     ["--nproc-per-node", "2", "--deepspeed", "--zero-stage", "2"],
     ["--nproc-per-node", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
-    ["--nproc-per-node", "2", "--pipeline-model-parallel-size", "2"],
-], ids=["ds-zero1-tp2-sp", "ds-zero2-dp2", "megatron-tp2-sp", "megatron-pp2"])
+    ["--nproc-per-node", "2", "--pipeline-model-parallel-size", "2", "--jreg-weighting", "layer_weighted"],
+    ["--nproc-per-node", "2", "--calculate-per-token-loss"],
+], ids=["ds-zero1-tp2-sp", "ds-zero2-dp2", "megatron-tp2-sp", "megatron-pp2", "megatron-dp2-per-token"])
 def test_parallel_layouts_log_the_same_losses(tmp_path, cache, layout):
     single = str(tmp_path / "single")
     ds = ["--deepspeed", "--zero-stage", "1"] if "--deepspeed" in layout else []
-    train("--train-iters", "3", "--save", single, *REG, *ds, cache=cache)
+    weighting = layout[layout.index("--jreg-weighting"):][:2] if "--jreg-weighting" in layout else []
+    train("--train-iters", "3", "--save", single, *REG, *ds, *weighting, cache=cache)
     multi = str(tmp_path / "multi")
     train("--train-iters", "3", "--save", multi, *REG, *layout, cache=cache)
     for ra, rb in zip(metrics(single), metrics(multi)):

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--bf16", action="store_true")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="average the loss over the global batch's tokens (Megatron backend), not per micro-batch")
     g.add_argument("--seed", type=int, default=1234)
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -166,6 +168,9 @@ def validate(a: argparse.Namespace) -> None:
     if a.deepspeed and a.pipeline_model_parallel_size > 1:
         raise ValueError("--deepspeed with --pipeline-model-parallel-size > 1 is not supported; "
                          "use the Megatron backend (drop --deepspeed) for pipeline parallelism")
+    if a.deepspeed and a.calculate_per_token_loss:
+        raise ValueError("--calculate-per-token-loss is the Megatron backend's (DeepSpeed averages each micro-batch's "
+                         "loss); drop --deepspeed or the flag")
     if a.deepspeed and a.use_distributed_optimizer:
         raise ValueError("--use-distributed-optimizer is the Megatron backend's; with --deepspeed use --zero-stage")
     if a.data_path and not a.tokenizer_model:

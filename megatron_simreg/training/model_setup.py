@@ -55,6 +55,8 @@ def build_model(args, vocab_size: int):
         gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers, **moe,
+        recompute_num_layers=args.recompute_num_layers, calculate_per_token_loss=args.calculate_per_token_loss,
+        deallocate_pipeline_outputs=True,  # Megatron-LM's default: frees each stage's output once sent
+        **moe,
     )
     return build_gpt(shape, config, position_embedding_type=args.position_embedding_type), config
