@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (tools/setup_env.sh installs it)")
 
 import megatron_simreg as ms  # noqa: E402
 from megatron_utils import TINY, build_tiny_gpt, finalize_grads_no_ddp, gather_full_grads, rel_err, run_distributed  # noqa: E402

@@ -4,7 +4,7 @@ training with SimReg and JREG under full recompute logs the same losses as witho
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (tools/setup_env.sh installs it)")
 
 from megatron_utils import run_distributed  # noqa: E402
 
