@@ -176,6 +176,27 @@ def test_crash_mid_save_keeps_the_last_checkpoint(tmp_path, cache):
     train("--train-iters", "4", "--save", save, "--load", save, cache=cache)
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "4"
     assert not os.path.exists(os.path.join(save, "iter_0000004.tmp"))
+    # iterations 3-4 ran twice (before the crash, after the resume); the log keeps each once (issue 15, item 7)
+    assert [r["iteration"] for r in metrics(save)] == [1, 2, 3, 4]
+
+
+def test_checkpoints_without_a_pointer_are_never_overwritten(tmp_path, cache):
+    """A kill between a save's rename and its pointer write leaves iter_* but no pointer (issue 15, item 4)."""
+    save = tmp_path / "run"
+    (save / "iter_0000002").mkdir(parents=True)
+    for flags in ([], ["--fresh-start"]):
+        out = train("--train-iters", "2", "--save", str(save), "--load", str(save), *flags, cache=cache,
+                    expect_ok=False)
+        assert out.returncode == 2 and "iter_0000002" in out.stderr and "latest_checkpointed_iteration.txt" in \
+            out.stderr, out.stderr[-2000:]
+    assert sorted(os.listdir(save)) == ["iter_0000002"]
+
+
+def test_unwritable_save_fails_before_training(tmp_path, cache):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = train("--train-iters", "2", "--save", str(blocker / "run"), cache=cache, expect_ok=False)
+    assert out.returncode == 2 and "is not writable" in out.stderr and "iteration 1" not in out.stdout, out.stderr
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path, cache):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from typing import Any, Dict, Optional
 
@@ -48,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 POINTER = "latest_checkpointed_iteration.txt"
+ITER_DIR = re.compile(r"iter_\d{7}")
 # Test hook: set to an iteration number to crash that save after this rank's
 # files are written, before the rename (tests/test_training.py).
 CRASH_ENV = "MEGATRON_SIMREG_CRASH_IN_SAVE"
@@ -144,6 +146,13 @@ def resume(load: Optional[str], backend, settings: Dict[str, Any], *, load_optim
         return 0
     iteration = find(load) if os.path.isdir(load) else None
     if iteration is None:
+        orphans = sorted(d for d in os.listdir(load) if ITER_DIR.fullmatch(d)) if os.path.isdir(load) else []
+        if orphans:  # a kill between a save's rename and its pointer write: starting over would overwrite them
+            raise CheckpointError(
+                f"--load {load} holds {len(orphans)} checkpoint(s) ({orphans[0]} ... {orphans[-1]}) but no {POINTER} "
+                f"(a save was interrupted before its pointer was written). Write the iteration to resume from into "
+                f"{os.path.join(load, POINTER)} (e.g. {int(orphans[-1][5:])}), or move the iter_* directories away "
+                "to start from scratch")
         if fresh_start:
             return 0
         raise CheckpointError(
@@ -164,6 +173,19 @@ def resume(load: Optional[str], backend, settings: Dict[str, Any], *, load_optim
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"loaded checkpoint {directory} (iteration {iteration})", flush=True)
     return iteration
+
+
+def check_writable(root: str) -> None:
+    """Fail now, not at the first save after hours of training, when ``--save`` cannot be written."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"--save {root} is not writable ({e.strerror or e}); pick a directory this job can "
+                              "write to") from e
 
 
 def find(root: str) -> Optional[int]:

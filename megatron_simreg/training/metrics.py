@@ -1,7 +1,9 @@
 """Where training metrics go: ``<save>/metrics.jsonl``, TensorBoard, and the terminal.
 
 Only global rank 0 writes. Each logged iteration is one JSON object per line,
-appended and flushed at once so a crash loses at most the current line.
+appended and flushed at once so a crash loses at most the current line. A
+resumed run first drops the rows after its checkpoint's iteration, which it
+logs again, so each iteration appears once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ class MetricsWriter:
             return
         if save_dir:
             os.makedirs(save_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(save_dir, "metrics.jsonl"), "a")
+            path = os.path.join(save_dir, "metrics.jsonl")
+            _drop_rows_after(path, start_iter)
+            self.jsonl = open(path, "a")
         tb_dir = tensorboard_dir or (os.path.join(save_dir, "tensorboard") if save_dir else None)
         if tb_dir:
             try:
@@ -63,6 +67,25 @@ class MetricsWriter:
         for h in (self.jsonl, self.tb, self.bar):
             if h is not None:
                 h.close()
+
+
+def _drop_rows_after(path: str, iteration: int) -> None:
+    """Keep only the rows up to ``iteration``: a run resumed from it logs the later ones again (atomic rewrite)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+            continue
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
 
 
 def tflops(n_params: float, args, tokens: int, seconds: float) -> float:

@@ -97,6 +97,8 @@ def run(args) -> dict:
         backend = MegatronBackend(args, model, config)
 
     settings = model_settings(args, vocab)
+    if args.save and dist.get_rank() == 0:
+        ckpt.check_writable(args.save)
     start_iter = ckpt.resume(args.load, backend, settings, load_optim=not args.no_load_optim,
                              fresh_start=args.fresh_start, tokenizer_vocab=tokenizer.vocab_size)
     meta = ckpt.run_meta(args, settings, tokenizer.model_path)
