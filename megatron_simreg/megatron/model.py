@@ -4,7 +4,8 @@ On CPU the layer spec is the SP-capable local spec of :mod:`.cpu_compat`
 (whose adaptations must be applied); on GPU it is TransformerEngine's spec
 when TE is installed, else Megatron's local spec with the same SP-capable
 torch norm (Megatron's ``WrappedTorchNorm`` refuses sequence parallelism,
-which MoE with TP > 1 needs), in every layer and as the final norm.
+which MoE with TP > 1 needs), in every layer and as the final norm. The
+GPU-without-TE branch is tested on CPU by faking CUDA; unverified on GPU.
 """
 
 from __future__ import annotations
