@@ -50,11 +50,6 @@ def test_recompute_flags_reach_the_transformer_config(flags, expected):
     assert run_distributed(_built_config, 1, args=(flags,), timeout=120)[0] == expected
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data_cache"))
-
-
 def test_training_under_full_recompute_logs_the_same_losses(tmp_path, cache):
     """Later steps' losses depend on earlier gradients: JREG's and pre_norm SimReg's must survive full recompute."""
     from test_training import metrics, train
