@@ -159,8 +159,8 @@ def test_checkpoints_without_a_pointer_are_never_overwritten(tmp_path, cache):
     for flags in ([], ["--fresh-start"]):
         out = train("--train-iters", "2", "--save", str(save), "--load", str(save), *flags, cache=cache,
                     expect_ok=False)
-        assert out.returncode == 2 and "iter_0000002" in out.stderr and "latest_checkpointed_iteration.txt" in \
-            out.stderr, out.stderr[-2000:]
+        assert out.returncode == 2 and "latest_checkpointed_iteration.txt" in out.stderr, out.stderr[-2000:]
+        assert "none of them is complete" in out.stderr  # an empty iter_ dir: no meta.json
     assert sorted(os.listdir(save)) == ["iter_0000002"]
 
 
@@ -174,11 +174,11 @@ def test_unwritable_save_fails_before_training(tmp_path, cache):
 def test_bad_checkpoints_are_clear_errors(tmp_path, cache):
     save = str(tmp_path / "run")
     train("--train-iters", "2", "--save", save, cache=cache)
-    out = train("--train-iters", "4", "--load", save, "--hidden-size", "64", cache=cache, expect_ok=False)
+    out = train("--train-iters", "2", "--load", save, "--hidden-size", "64", cache=cache, expect_ok=False)
     assert out.returncode != 0 and "does not match" in out.stderr and "hidden_size: checkpoint=32 run=64" in out.stderr
     with open(os.path.join(save, "iter_0000002", "__0_0.distcp"), "r+b") as f:  # a torch_dist tensor file
         f.truncate(100)
-    out = train("--train-iters", "4", "--load", save, cache=cache, expect_ok=False)
+    out = train("--train-iters", "2", "--load", save, cache=cache, expect_ok=False)
     error = [line for line in out.stderr.splitlines() if "cannot read checkpoint" in line]  # one line, no traceback
     assert out.returncode == 2 and len(error) == 1 and "corrupt" in error[0] and "iter_0000002" in error[0], \
         out.stderr[-3000:]
@@ -193,7 +193,7 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(tmp_path, cache):
     out = train("--train-iters", "6", "--save", save, "--save-interval", "1", "--lr", "1e30", "--clip-grad", "0",
                 cache=cache, expect_ok=False)
     assert out.returncode == 3, out.stderr[-2000:]
-    assert "LM loss is nan" in out.stderr or "LM loss is inf" in out.stderr
+    assert "(not finite)" in out.stderr
     last = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
     assert os.path.isdir(os.path.join(save, f"iter_{last:07d}"))
 

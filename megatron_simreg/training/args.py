@@ -15,6 +15,7 @@ from typing import List, Optional
 import yaml
 
 from ..config import JREG_WEIGHTINGS, SIMREG_MODES
+from .resume_checks import RESUMABLE_CHANGES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,8 +80,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--fresh-start", action="store_true", help="ignore an unreadable --load instead of failing")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="resume from iteration N under --load instead of the one latest_checkpointed_iteration.txt "
+                        "names (e.g. to step back from a bad checkpoint)")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="load the weights only; the LR schedule follows this run's flags from the checkpoint's "
+                        "iteration")
+    g.add_argument("--fresh-start", action="store_true",
+                   help="start from scratch when --load holds no checkpoint yet (never when it holds iter_* dirs)")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="on resume, take the LR schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-style, "
+                        "--train-iters) from the flags; the schedule continues from the checkpoint's iteration")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's LR schedule whatever the flags say")
+    g.add_argument("--allow-changed-on-resume", nargs="+", default=[], metavar="FLAG",
+                   choices=list(RESUMABLE_CHANGES),
+                   help="accept these data or regularizer settings differing from the checkpoint's "
+                        f"(one or more of: {', '.join(RESUMABLE_CHANGES)}); each change is logged")
     g.add_argument("--exit-interval", type=int, default=None, help="save (with --save) and exit after this iteration")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=4)
@@ -175,6 +191,11 @@ def validate(a: argparse.Namespace) -> None:
         raise ValueError("--use-distributed-optimizer is the Megatron backend's; with --deepspeed use --zero-stage")
     if a.data_path and not a.tokenizer_model:
         raise ValueError("--data-path needs --tokenizer-model (the sentencepiece model the data was tokenized with)")
+    if a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each "
+                         "other: pick the flags' schedule or the checkpoint's")
+    if a.ckpt_step is not None and (a.ckpt_step < 0 or not a.load):
+        raise ValueError("--ckpt-step N needs --load DIR and N >= 0")
     if a.save_interval is not None and a.save_interval < 1:
         raise ValueError("--save-interval must be >= 1")
     if a.save_interval and not a.save:

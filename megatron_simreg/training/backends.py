@@ -9,11 +9,13 @@
 A micro-batch is a dict of ``tokens``, ``labels``, ``loss_mask``,
 ``position_ids``, each ``[micro_batch, s_local]`` (already sliced for CP).
 ``train_step`` returns the global-batch sums of the LM loss and its token count
-on every rank, so logs are the same under any layout.
+on every rank, so logs are the same under any layout, with the gradient norm
+and whether the update was applied (a non-finite one is not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, List, Optional
 
@@ -44,8 +46,34 @@ def _lm_loss_func(mb):
     return loss_func
 
 
+_PLANT_NAN = {"on": False}
+
+
+@contextlib.contextmanager
+def planted_nan_grad(on: bool):
+    """Test hook (trainer.NAN_GRAD_ENV): inside, the model's output passes NaN gradients back, the loss stays finite."""
+    _PLANT_NAN["on"] = on
+    try:
+        yield
+    finally:
+        _PLANT_NAN["on"] = False
+
+
 def _forward(model, mb):
-    return model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"], loss_mask=mb["loss_mask"])
+    out = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"], loss_mask=mb["loss_mask"])
+    if _PLANT_NAN["on"] and out.requires_grad:
+        out.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    return out
+
+
+def _all_finite(tensors, local_ok: bool = True) -> bool:
+    """Whether ``tensors`` are finite on every rank (a collective over the world; one host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    ok = torch.stack(flags).all() if flags else torch.tensor(True)
+    bad = (~ok).float().reshape(1).to(comm_device()) + (0.0 if local_ok else 1.0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item() == 0)
 
 
 def _global_sums(local: torch.Tensor) -> torch.Tensor:
@@ -67,6 +95,9 @@ def _scheduler(optimizer, args):
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
         lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
         end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
+        # resume_checks.check_schedule has refused a mismatch that neither flag settles
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
 
 
@@ -109,13 +140,23 @@ class MegatronBackend:
         return _global_sums(torch.stack([x["lm"] for x in out]).sum(0) if out else torch.zeros(2))
 
     def train_step(self, microbatches):
+        """One global batch; returns ``(sums, grad_norm, applied)``.
+
+        Megatron-LM's ``--check-for-nan-in-loss-and-grad``, done before the
+        update rather than by raising inside the gradient all-reduce (which
+        leaves the other ranks waiting): when any rank's loss or reduced
+        gradient is not finite, the optimizer and the schedule do not step.
+        """
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         sums = self._run(microbatches, forward_only=False)
+        grads = [getattr(p, "main_grad", None) for p in self.model.module.parameters()]
+        if not _all_finite(grads, local_ok=bool(torch.isfinite(sums).all())):
+            return sums, float("nan"), False
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        return sums, float(grad_norm) if grad_norm is not None else float("nan")
+        return sums, float(grad_norm) if grad_norm is not None else float("nan"), True
 
     @torch.no_grad()
     def eval_step(self, microbatches):
@@ -201,6 +242,11 @@ class MegatronBackend:
         self.model.module.load_state_dict(loaded["model"])
         if load_optim:
             self.optimizer.load_state_dict(loaded["optimizer"])
+            if self.args.override_opt_param_scheduler:
+                # megatron-core's param groups carry max_lr/min_lr, which the scheduler prefers to its own: the
+                # checkpoint's would silently win over the flags
+                for group in self.optimizer.param_groups:
+                    group["max_lr"], group["min_lr"] = self.args.lr, self.args.min_lr
             self.scheduler.load_state_dict(loaded["opt_param_scheduler"])
         else:
             # The mixed-precision optimizer's fp32 main params still hold the initial weights; its next
@@ -303,7 +349,11 @@ class DeepSpeedBackend:
             sums.append(torch.stack([total.detach(), mask.sum()]))
         self.scheduler.step(increment=1)
         grad_norm = self.engine.get_global_grad_norm()
-        return _global_sums(torch.stack(sums).sum(0)), float(grad_norm) if grad_norm is not None else float("nan")
+        # ZeRO 1/2 skip a step whose gradient norm is not finite (fp32, and bf16 with its default
+        # check_grad_overflow) and say so in ``overflow``; the trainer then stops without saving.
+        applied = not getattr(self.engine.optimizer, "overflow", False)
+        return (_global_sums(torch.stack(sums).sum(0)), float(grad_norm) if grad_norm is not None else float("nan"),
+                applied)
 
     @torch.no_grad()
     def eval_step(self, microbatches):

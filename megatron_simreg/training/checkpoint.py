@@ -31,8 +31,8 @@ the layout may change). :func:`save` writes everything into
 ``iter_XXXXXXX.tmp``, renames it once every rank has finished, and only then
 rewrites the pointer (through a temporary file and ``os.replace``). A crash at
 any point leaves the previous checkpoint and pointer intact; a stale ``.tmp``
-directory is ignored and replaced by the next save. :func:`resume` is the
-trainer's ``--load``.
+directory is ignored and replaced by the next save. :func:`resume_point` and
+:func:`resume` are the trainer's ``--load``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -134,45 +134,77 @@ def save(root: str, iteration: int, meta: Dict[str, Any], backend) -> str:
     return final
 
 
-def resume(load: Optional[str], backend, settings: Dict[str, Any], *, load_optim: bool = True,
-           fresh_start: bool = False, tokenizer_vocab: Optional[int] = None) -> int:
-    """``--load``: restore the latest checkpoint under ``load`` into ``backend``; returns its iteration (0: none).
+def resume_point(load: Optional[str], ckpt_step: Optional[int] = None,
+                 fresh_start: bool = False) -> Optional[Tuple[int, Dict[str, Any]]]:
+    """``--load DIR [--ckpt-step N]``: ``(iteration, meta.json)`` to resume from, ``None`` to start from scratch.
 
-    ``settings`` is this run's ``model_settings()``. RNG states are restored
-    only when the checkpoint has them and the TP/PP layout is unchanged (as
-    Megatron-LM does); otherwise the run keeps its seeded ones.
+    The pointer file names the iteration unless ``ckpt_step`` does. With no
+    pointer, ``fresh_start`` starts from scratch only when ``load`` holds no
+    ``iter_*`` directory: those are checkpoints a kill left without a pointer,
+    and a fresh run would overwrite them.
     """
     if not load:
-        return 0
+        return None
+    if ckpt_step is not None:
+        if not os.path.isfile(os.path.join(iteration_dir(load, ckpt_step), "meta.json")):
+            raise CheckpointError(f"--ckpt-step {ckpt_step}: {iteration_dir(load, ckpt_step)} is not a complete "
+                                  f"checkpoint; complete ones under --load {load}: {complete_iterations(load) or 'none'}")
+        return ckpt_step, load_meta(load, ckpt_step)
     iteration = find(load) if os.path.isdir(load) else None
     if iteration is None:
         orphans = sorted(d for d in os.listdir(load) if ITER_DIR.fullmatch(d)) if os.path.isdir(load) else []
-        if orphans:  # a kill between a save's rename and its pointer write: starting over would overwrite them
+        if orphans:
+            done = complete_iterations(load)
+            fix = (f"resume from the newest complete one with --load {load} --ckpt-step {done[-1]}" if done else
+                   "none of them is complete (no meta.json)")
             raise CheckpointError(
                 f"--load {load} holds {len(orphans)} checkpoint(s) ({orphans[0]} ... {orphans[-1]}) but no {POINTER} "
-                f"(a save was interrupted before its pointer was written). Write the iteration to resume from into "
-                f"{os.path.join(load, POINTER)} (e.g. {int(orphans[-1][5:])}), or move the iter_* directories away "
-                "to start from scratch")
+                f"(a save was interrupted before its pointer was written); {fix}, or move the iter_* directories "
+                "away to start from scratch")
         if fresh_start:
-            return 0
+            return None
         raise CheckpointError(
             f"--load {load}: no checkpoint there ({POINTER} not found). Check the path, or pass "
             "--fresh-start to start from scratch when the directory holds no checkpoint yet")
-    directory = iteration_dir(load, iteration)
-    meta = load_meta(load, iteration)
+    return iteration, load_meta(load, iteration)
+
+
+def complete_iterations(root: str) -> List[int]:
+    """The iterations under ``root`` whose directory is complete (``meta.json`` is written last, before the rename)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d[5:]) for d in os.listdir(root)
+                  if ITER_DIR.fullmatch(d) and os.path.isfile(os.path.join(root, d, "meta.json")))
+
+
+def check_resumable(meta: Dict[str, Any], settings: Dict[str, Any], where: str, reshardable: bool,
+                    tokenizer_vocab: Optional[int] = None) -> None:
+    """Fail before any model is built when this run cannot load the checkpoint whose ``meta.json`` is ``meta``."""
     if tokenizer_vocab is not None:
         from ..data.tokenizer import check_vocab_fits
 
         check_vocab_fits(tokenizer_vocab, meta["model"]["padded_vocab_size"])
-    check_compatible(meta["model"], settings, directory, reshardable=backend.reshardable)
+    check_compatible(meta["model"], settings, where, reshardable=reshardable)
+
+
+def resume(load: str, iteration: int, meta: Dict[str, Any], backend, settings: Dict[str, Any], *,
+           load_optim: bool = True) -> None:
+    """Restore checkpoint ``iteration`` under ``load`` (see :func:`resume_point`, :func:`check_resumable`).
+
+    ``settings`` is this run's ``model_settings()``. RNG states are restored
+    only when the checkpoint has them and the TP/PP layout is unchanged (as
+    Megatron-LM does); otherwise the run keeps its seeded ones. Without the
+    optimizer state, the LR schedule is this run's, placed at ``iteration``.
+    """
+    directory = iteration_dir(load, iteration)
     same_layout = all(meta["model"].get(k) == settings.get(k)
                       for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"))
-    # an import-hf checkpoint holds model weights only
-    backend.read_checkpoint(directory, load_optim=load_optim and "imported_from" not in meta,
-                            load_rng=same_layout and "imported_from" not in meta)
+    load_optim = load_optim and "imported_from" not in meta  # an import-hf checkpoint holds model weights only
+    backend.read_checkpoint(directory, load_optim=load_optim, load_rng=same_layout and "imported_from" not in meta)
+    if not load_optim:
+        backend.scheduler.step(increment=iteration)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"loaded checkpoint {directory} (iteration {iteration})", flush=True)
-    return iteration
 
 
 def check_writable(root: str) -> None:

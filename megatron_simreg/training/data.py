@@ -1,8 +1,8 @@
 """What a run reads: megatron-core's GPTDataset splits, and each iteration's micro-batches for this rank.
 
 Sample ``i`` of the run is sample ``i`` of the train split (seeded by
-``--seed``), so the data order depends only on the iteration: a resumed run
-replays exactly the samples an uninterrupted run would have seen. Each
+``--seed``), so the data order depends only on the samples consumed so far: a
+resumed run replays exactly the samples an uninterrupted run would have seen. Each
 data-parallel rank takes its contiguous slice of the global batch and splits
 it into micro-batches.
 """
@@ -33,7 +33,12 @@ class Batches:
 
     def full(self, it: int):
         """This rank's samples of iteration ``it`` as full-sequence micro-batches."""
-        start = it * self.global_batch + self.offset
+        return self.at(it * self.global_batch)
+
+    def at(self, first_sample: int):
+        """This rank's part of the global batch that starts at sample ``first_sample`` (Megatron-LM's consumed
+        samples: a resume with another global batch size continues where the data stopped)."""
+        start = first_sample + self.offset
         samples = [self.dataset[start + i] for i in range(self.per_rank)]
         out = []
         for m in range(0, self.per_rank, self.micro_batch):
@@ -56,8 +61,10 @@ class Batches:
         return out
 
 
-def build_datasets(args, gbs):
-    """``(train, valid or None, tokenizer)`` for ``--data-path`` or the default corpus; a collective."""
+def build_datasets(args, gbs: int, train_samples: int):
+    """``(train, valid or None, tokenizer)`` for ``--data-path`` or the default corpus; a collective.
+
+    ``train_samples``: the last sample index the run will read, plus one."""
     from ..data.datasets import build_gpt_datasets
     from ..data.default_corpus import prepare_default_corpus
     from ..data.tokenizer import Tokenizer
@@ -70,7 +77,7 @@ def build_datasets(args, gbs):
         data_path = [prefix]
     tokenizer = Tokenizer(tok_model)
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
-    num_samples = (args.train_iters * gbs, max(1, evals) * args.eval_iters * gbs, None)
+    num_samples = (train_samples, max(1, evals) * args.eval_iters * gbs, None)
     # collective: Megatron's builder lets rank 0 build the index caches first
     # Every rank reads its own samples (no TP broadcast), so every rank builds.
     train, valid, _ = build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, tokenizer, num_samples,

@@ -10,6 +10,7 @@ pieces around the loop live in their own modules: the model
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 
@@ -22,14 +23,21 @@ from ..megatron.init import init_params_by_global_name
 from ..parallel.comm import comm_device
 from ..parallel.process import init_distributed
 from . import checkpoint as ckpt
+from .backends import DeepSpeedBackend, MegatronBackend, planted_nan_grad
 from .data import Batches, build_datasets
 from .metrics import MetricsWriter, mem_gb, moe_aux_loss, tflops
 from .model_setup import build_model, model_settings, padded_vocab
+from .resume_checks import check_data, check_schedule, data_settings
 from .signals import install_signal_handlers, signal_received
 
 
 class TrainingStopped(RuntimeError):
-    """A run stopped on purpose (NaN loss), after keeping its last good checkpoint."""
+    """A run stopped on purpose (a non-finite loss or gradient), keeping its last good checkpoint."""
+
+
+# Test hook: set to an iteration number to make that iteration's gradients NaN while its loss stays finite
+# (tests/test_faults.py).
+NAN_GRAD_ENV = "MEGATRON_SIMREG_NAN_GRAD_AT"
 
 
 def _all_sum(values, group=None):
@@ -74,8 +82,26 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     model_parallel_cuda_manual_seed(args.seed)
 
-    train_ds, valid_ds, tokenizer = build_datasets(args, gbs)
+    if args.save and dist.get_rank() == 0:
+        ckpt.check_writable(args.save)
+    Backend = DeepSpeedBackend if args.deepspeed else MegatronBackend
+    prior = ckpt.resume_point(args.load, args.ckpt_step, args.fresh_start)
+    start_iter, prior_meta = prior if prior else (0, {})
+    # Megatron-LM's consumed_train_samples: where the data resumes, whatever the global batch was before
+    consumed = prior_meta.get("consumed_samples", start_iter * prior_meta.get("data", {}).get("global_batch_size", gbs))
+    train_ds, valid_ds, tokenizer = build_datasets(args, gbs, consumed + (args.train_iters - start_iter) * gbs)
     vocab = padded_vocab(tokenizer.vocab_size, args)
+    settings = model_settings(args, vocab)
+    data = data_settings(args, gbs, tokenizer.model_path)
+    if prior:  # every check before the model is built: a refused resume costs seconds
+        directory = ckpt.iteration_dir(args.load, start_iter)
+        ckpt.check_resumable(prior_meta, settings, directory, reshardable=Backend.reshardable,
+                             tokenizer_vocab=tokenizer.vocab_size)
+        where = f"from {directory}"
+        check_data(prior_meta.get("data"), data, args.allow_changed_on_resume, where,
+                   log=print if dist.get_rank() == 0 else (lambda *a: None))
+        if not args.no_load_optim and "imported_from" not in prior_meta:
+            check_schedule(prior_meta.get("args"), args, where)
     model, config = build_model(args, vocab)
     init_params_by_global_name(model, seed=args.seed, std=config.init_method_std, num_layers=args.num_layers)
     simreg = (SimRegConfig(weight=args.simreg_weight, temperature=args.simreg_temperature,
@@ -87,21 +113,11 @@ def run(args) -> dict:
     else:
         undo_megatron_patch()
 
-    if args.deepspeed:
-        from .backends import DeepSpeedBackend
+    backend = (Backend(args, model, config, num_micro) if args.deepspeed else Backend(args, model, config))
 
-        backend = DeepSpeedBackend(args, model, config, num_micro)
-    else:
-        from .backends import MegatronBackend
-
-        backend = MegatronBackend(args, model, config)
-
-    settings = model_settings(args, vocab)
-    if args.save and dist.get_rank() == 0:
-        ckpt.check_writable(args.save)
-    start_iter = ckpt.resume(args.load, backend, settings, load_optim=not args.no_load_optim,
-                             fresh_start=args.fresh_start, tokenizer_vocab=tokenizer.vocab_size)
-    meta = ckpt.run_meta(args, settings, tokenizer.model_path)
+    if prior:
+        ckpt.resume(args.load, start_iter, prior_meta, backend, settings, load_optim=not args.no_load_optim)
+    meta = {**ckpt.run_meta(args, settings, tokenizer.model_path), "data": data}
     rank0 = dist.get_rank() == 0
     writer = MetricsWriter(args.save, args.tensorboard_dir, args.train_iters, start_iter, enabled=rank0)
     batches = Batches(train_ds, gbs, args.micro_batch_size)
@@ -109,10 +125,11 @@ def run(args) -> dict:
     dp_group = ps.get_data_parallel_group()
     n_params = sum(_all_sum([sum(p.numel() for p in model.parameters())], ps.get_model_parallel_group()))
     tokens_per_iter = gbs * args.seq_length
+    nan_grad_at = int(os.environ.get(NAN_GRAD_ENV, "0"))
     last = {}
     try:
         for it in range(start_iter, args.train_iters):
-            full = batches.full(it)
+            full = batches.at(consumed)
             if simreg is not None:
                 anchors, ntok = _all_sum([
                     int(count_step_anchors([mb["labels"] for mb in full], [mb["loss_mask"] for mb in full], simreg,
@@ -122,16 +139,15 @@ def run(args) -> dict:
                 begin_step(num_anchors=int(anchors), num_tokens=int(ntok))
             lr = backend.lr  # the rate this iteration uses; the step advances the schedule
             t0 = time.perf_counter()
-            sums, grad_norm = backend.train_step(batches.local(full))
+            with planted_nan_grad(it + 1 == nan_grad_at):
+                sums, grad_norm, applied = backend.train_step(batches.local(full))
             elapsed = time.perf_counter() - t0
             lm = float(sums[0] / sums[1].clamp_min(1))
             reg = report_losses(pp_group=ps.get_pipeline_model_parallel_group(), dp_group=dp_group)
-            if not math.isfinite(lm):
-                raise TrainingStopped(
-                    f"iteration {it + 1}: the LM loss is {lm}; stopping. The last good checkpoint "
-                    f"({args.save or 'none: --save was not set'}) is kept; lower --lr or raise --clip-grad, then "
-                    "resume with --load")
-            record = {"iteration": it + 1, "consumed_tokens": (it + 1) * tokens_per_iter, "lm_loss": lm,
+            if not (applied and math.isfinite(lm) and math.isfinite(grad_norm)):
+                raise TrainingStopped(_non_finite_message(args, it + 1, lm, grad_norm, applied))
+            consumed += gbs
+            record = {"iteration": it + 1, "consumed_tokens": consumed * args.seq_length, "lm_loss": lm,
                       "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_iter / elapsed,
                       "tflops": tflops(n_params, args, tokens_per_iter, elapsed) / world,
                       "mem_gb": mem_gb()}
@@ -149,15 +165,32 @@ def run(args) -> dict:
             last = record
             exiting = (args.exit_interval and (it + 1) % args.exit_interval == 0) or signal_received()
             if args.save and ((args.save_interval and (it + 1) % args.save_interval == 0) or exiting):
-                ckpt.save(args.save, it + 1, meta, backend)
+                ckpt.save(args.save, it + 1, {**meta, "consumed_samples": consumed}, backend)
             if exiting:
                 return last
         saved_by_interval = args.save_interval and args.train_iters % args.save_interval == 0
         if args.save and last and not saved_by_interval:
-            ckpt.save(args.save, args.train_iters, meta, backend)
+            ckpt.save(args.save, args.train_iters, {**meta, "consumed_samples": consumed}, backend)
     finally:
         writer.close()
     return last
+
+
+def _non_finite_message(args, iteration: int, lm: float, grad_norm: float, applied: bool) -> str:
+    """Why the run stopped, what is on disk, and commands that continue from it."""
+    what = f"the LM loss is {lm:.4g} and the gradient norm {grad_norm:.4g} (not finite)"
+    update = ("the update was not applied" if not applied else
+              "the update was applied in memory but is never saved")
+    if not args.save:
+        return f"iteration {iteration}: {what}; stopping ({update}; --save was not set, so nothing is kept)"
+    done = ckpt.complete_iterations(args.save)
+    if not done:
+        return (f"iteration {iteration}: {what}; stopping ({update}). No checkpoint was saved before it; lower --lr "
+                "or lengthen --lr-warmup-iters and start again")
+    return (f"iteration {iteration}: {what}; stopping ({update}). The newest checkpoint, "
+            f"{ckpt.iteration_dir(args.save, done[-1])}, was saved before it. Continue with a lower learning rate: "
+            f"--load {args.save} --lr {args.lr / 10:g} --override-opt_param-scheduler; or step back to an earlier "
+            f"checkpoint with --ckpt-step N (complete: {', '.join(map(str, done[-5:]))})")
 
 
 def evaluate(backend, valid_batches: Batches, eval_iters: int) -> float:
