@@ -155,6 +155,45 @@ def test_verify_fails_on_a_wrong_mapping(tmp_path, monkeypatch):
     _tiny_hf("llama", tmp_path / "hf")
     monkeypatch.setattr(layout, "fuse_gate_up", lambda gate, up: torch.cat([up, gate]))
     assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "ck"), "--verify") == 1
+    # ... and leaves no loadable wrong checkpoint behind, nor its staging directory
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_export_verify_failure_writes_nothing(tmp_path, monkeypatch, capsys):
+    """A failed export parity check leaves --out as it was; a passing export into an existing --out keeps the
+    files it does not write."""
+    from megatron_simreg.conversion import layout
+
+    _tiny_hf("llama", tmp_path / "hf")
+    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")) == 0
+    with monkeypatch.context() as m:
+        m.setattr(layout, "split_gate_up", lambda fc1: tuple(reversed(fc1.chunk(2))))
+        assert export_cmd("--load", str(tmp_path / "ck"), "--out", str(tmp_path / "out"), "--verify") == 1
+    assert sorted(os.listdir(tmp_path)) == ["ck", "hf"]
+    assert "nothing was written" in capsys.readouterr().out
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert export_cmd("--load", str(tmp_path / "ck"), "--out", str(tmp_path / "out"), "--verify") == 0
+    assert {"notes.txt", "config.json", "model.safetensors.index.json"} <= set(os.listdir(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["ck", "hf", "out"]
+
+
+def test_import_refuses_a_non_empty_save(tmp_path, capsys):
+    """import-hf never replaces or mixes with what --save holds; an empty directory is fine."""
+    _tiny_hf("llama", tmp_path / "hf")
+    ck = tmp_path / "ck"
+    (ck / "iter_0000000").mkdir(parents=True)
+    (ck / "iter_0000000" / "meta.json").write_text("{}")
+    (ck / "latest_checkpointed_iteration.txt").write_text("0")
+    capsys.readouterr()
+    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(ck)) == 2
+    assert capsys.readouterr().err == (f"import-hf: error: --save {ck} is not empty (holds iter_0000000, "
+                                       "latest_checkpointed_iteration.txt); import into a new directory\n")
+    assert (ck / "iter_0000000" / "meta.json").read_text() == "{}"
+    assert sorted(os.listdir(tmp_path)) == ["ck", "hf"]
+    (tmp_path / "empty").mkdir()
+    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "empty")) == 0
+    assert (tmp_path / "empty" / "iter_0000000" / "meta.json").exists()
 
 
 # ----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ def add_arguments(p):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--tokenizer-model", default=None, help="sentencepiece model (default: the one in meta.json)")
     p.add_argument("--verify", action="store_true",
-                   help="run Megatron and transformers on the same tokens; exit 1 above max |dlogit| 1e-4")
+                   help="run Megatron and transformers on the same tokens; exit 1 above max |dlogit| 1e-4, "
+                        "leaving --out as it was")
 
 
 def main(args) -> int:

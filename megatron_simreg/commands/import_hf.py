@@ -5,7 +5,7 @@ import sys
 
 def add_arguments(p):
     p.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
-    p.add_argument("--save", required=True, help="checkpoint directory to write (iteration 0)")
+    p.add_argument("--save", required=True, help="new checkpoint directory to write (iteration 0); must be empty or missing")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,
                    help="pads the vocabulary to a multiple of --make-vocab-size-divisible-by x this; any TP/PP/DP "
                         "layout can load the checkpoint")
@@ -14,7 +14,8 @@ def add_arguments(p):
     p.add_argument("--seq-length", type=int, default=None, help="default: max_position_embeddings")
     p.add_argument("--seed", type=int, default=1234, help="recorded in meta.json (no RNG state is stored)")
     p.add_argument("--verify", action="store_true",
-                   help="run Megatron and transformers on the same tokens; exit 1 above max |dlogit| 1e-4")
+                   help="run Megatron and transformers on the same tokens; exit 1 above max |dlogit| 1e-4, "
+                        "writing nothing")
 
 
 def main(args) -> int:

@@ -9,13 +9,17 @@ them), at any TP/PP/DP layout.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from ..training import checkpoint as ckpt
 from .hf_side import megatron_settings_from_hf
 from .layout import ConversionError, hf_to_megatron
+from .staging import check_new_directory, discard, publish, staging_dir
+
+if TYPE_CHECKING:
+    from .verify import Parity
 
 
 class _ModelOnly:
@@ -35,14 +39,15 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_
     """Write checkpoint iteration 0 under ``save``; returns the :class:`~.verify.Parity` with ``verify``.
 
     ``tp`` sets the vocabulary padding (a multiple of ``make_vocab_size_divisible_by * tp``) and, with
-    ``pp``, the layout recorded in ``meta.json``; any layout can load the checkpoint.
+    ``pp``, the layout recorded in ``meta.json``; any layout can load the checkpoint. ``save`` must be empty
+    or missing (an import never replaces a checkpoint); it appears only once the checkpoint is complete and,
+    with ``verify``, has passed the parity check.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .megatron_side import SingleProcessMegatron, build_megatron_model
-
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ConversionError(f"--hf {hf_dir}: no config.json there; not a transformers model directory")
+    check_new_directory(save, "--save")
     cfg = AutoConfig.from_pretrained(hf_dir)
     settings = megatron_settings_from_hf(cfg, tp, pp, 1, make_vocab_size_divisible_by, seq_length)
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
@@ -54,18 +59,35 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_
             "tokenizer_model": os.path.abspath(sp_model) if os.path.isfile(sp_model) else None,
             "imported_from": os.path.abspath(hf_dir), "hf_vocab_size": cfg.vocab_size,
             "args": {"seed": seed}}
-    with SingleProcessMegatron():
-        final = ckpt.save(save, 0, meta, _ModelOnly(build_megatron_model(settings, full)))
-    log(f"imported {hf_dir} ({type(hf_model).__name__}) to {final}: padded vocab "
+    tmp = staging_dir(save)
+    try:
+        parity = _write_and_verify(tmp, settings, full, meta, hf_model, cfg.vocab_size, verify, log)
+        if parity is not None and not parity.ok:
+            log(f"import-hf: the parity check failed; nothing was written to {save}")
+            return parity
+        publish(tmp, save)
+    finally:
+        discard(tmp)  # a no-op once published
+    log(f"imported {hf_dir} ({type(hf_model).__name__}) to {ckpt.iteration_dir(save, 0)}: padded vocab "
         f"{settings['padded_vocab_size']}. Continue with: megatron-simreg train --load {save} --no-load-optim "
         f"(+ the model flags in meta.json)")
+    return parity
+
+
+def _write_and_verify(tmp: str, settings: dict, full: dict, meta: dict, hf_model, vocab_size: int, verify: bool,
+                      log) -> Optional[Parity]:
+    """Write the checkpoint under ``tmp``; with ``verify``, read it back and compare it with ``hf_model``."""
+    from .megatron_side import SingleProcessMegatron, build_megatron_model
+
+    with SingleProcessMegatron():
+        ckpt.save(tmp, 0, meta, _ModelOnly(build_megatron_model(settings, full)))
     if not verify:
         return None
     from .megatron_side import load_megatron_checkpoint
     from .verify import compare
 
     # read back what was written (through dist_checkpointing, as export-hf and the trainer read it)
-    merged, _, _ = load_megatron_checkpoint(save, 0)
-    parity = compare(settings, merged, hf_model, cfg.vocab_size)
+    merged, _, _ = load_megatron_checkpoint(tmp, 0)
+    parity = compare(settings, merged, hf_model, vocab_size)
     log(str(parity))
     return parity

@@ -378,6 +378,9 @@ class DeepSpeedBackend:
     def read_checkpoint(self, directory: str, load_optim: bool, load_rng: bool) -> None:
         from .checkpoint import CheckpointError, load_rank_file, set_rng_state
 
+        # DeepSpeed reads its own files (TorchCheckpointEngine.load: torch.load(weights_only=False) in 0.19); it
+        # offers no weights_only switch, so a DeepSpeed checkpoint must come from a trusted source. Our RNG file
+        # below is read with weights_only=True.
         path, client = self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state",
                                                    load_optimizer_states=load_optim,
                                                    load_lr_scheduler_states=False)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -72,18 +73,32 @@ def _barrier():
 
 
 def rng_state() -> Dict[str, Any]:
-    """This process's RNG states, under Megatron-LM's key names."""
+    """This process's RNG states, under Megatron-LM's key names.
+
+    Only tensors and plain Python values, so :func:`load_rank_file` can read
+    them with ``torch.load(weights_only=True)``, which unpickles no arbitrary
+    objects: NumPy's state is stored as the same 5-tuple with the key array as
+    a list of ints, which ``np.random.set_state`` (ours and Megatron-LM's)
+    takes as it is.
+    """
     from megatron.core import tensor_parallel
 
-    state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+    state = {"random_rng_state": random.getstate(), "np_rng_state": _plain_np_state(np.random.get_state()),
              "torch_rng_state": torch.get_rng_state(),
-             "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
+             "rng_tracker_states": dict(tensor_parallel.get_cuda_rng_tracker().get_states())}
     if torch.cuda.is_available():
         state["cuda_rng_state"] = torch.cuda.get_rng_state()
     return state
 
 
+def _plain_np_state(state) -> tuple:
+    """``np.random.get_state()``'s ``(name, uint32 keys, pos, has_gauss, cached_gaussian)`` without NumPy types."""
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached_gaussian)
+
+
 def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore :func:`rng_state` (either NumPy format: list keys or, in older checkpoints, an array)."""
     from megatron.core import tensor_parallel
 
     random.setstate(state["random_rng_state"])
@@ -243,11 +258,31 @@ def load_meta(root: str, iteration: int) -> Dict[str, Any]:
 
 
 def load_rank_file(path: str) -> Dict[str, Any]:
+    """A per-rank ``.pt`` file (our ``rng_XXXXX.pt``, DeepSpeed's ``mp_rank_XX_model_states.pt``).
+
+    ``weights_only=True``: a checkpoint may come from elsewhere, and a full
+    unpickle runs whatever code the file names. A file that needs it anyway is
+    refused, never retried unsafely.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); the checkpoint is corrupt or "
-                              "incomplete: point --load at another checkpoint") from e
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is unusable as it is
+        refused = _refused_global(e)
+        if refused:
+            raise CheckpointError(
+                f"refusing to read {path}: it holds a pickled reference to {refused}, and unpickling that could run "
+                "arbitrary code (only tensors and plain values are read); megatron-simreg's trainer and DeepSpeed do "
+                "not write such files: point --load at another checkpoint") from e
+        raise CheckpointError(f"cannot read {path} ({reason(e)}); the checkpoint is corrupt or incomplete: point "
+                              "--load at another checkpoint") from e
+
+
+def _refused_global(e: BaseException) -> Optional[str]:
+    """The global (``module.name``) a ``weights_only`` load refused, or ``None`` for another failure."""
+    if not isinstance(e, pickle.UnpicklingError):
+        return None
+    m = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)", str(e))
+    return m.group(1) if m else None
 
 
 def reason(e: BaseException) -> str:
