@@ -78,6 +78,8 @@ class _FakeEngine:
     def step(self):
         pass
 
+    optimizer = SimpleNamespace(overflow=False)  # ZeRO's flag for a skipped (non-finite) step
+
     def get_global_grad_norm(self):
         return 0.0
 

@@ -352,8 +352,8 @@ class DeepSpeedBackend:
         # ZeRO 1/2 skip a step whose gradient norm is not finite (fp32, and bf16 with its default
         # check_grad_overflow) and say so in ``overflow``; the trainer then stops without saving.
         applied = not getattr(self.engine.optimizer, "overflow", False)
-        return (_global_sums(torch.stack(sums).sum(0)), float(grad_norm) if grad_norm is not None else float("nan"),
-                applied)
+        # None: DeepSpeed did not compute one (ZeRO-0 without clipping)
+        return (_global_sums(torch.stack(sums).sum(0)), float(grad_norm) if grad_norm is not None else None, applied)
 
     @torch.no_grad()
     def eval_step(self, microbatches):

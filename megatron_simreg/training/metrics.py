@@ -55,7 +55,7 @@ class MetricsWriter:
                 if k != "iteration" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, it)
         shown = {k: record[k] for k in ("lm_loss", "val_loss", "simreg_loss", "jreg_loss", "lr", "grad_norm")
-                 if k in record}
+                 if record.get(k) is not None}
         text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
         if self.bar:
             self.bar.n = it

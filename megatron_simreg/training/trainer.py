@@ -144,7 +144,7 @@ def run(args) -> dict:
             elapsed = time.perf_counter() - t0
             lm = float(sums[0] / sums[1].clamp_min(1))
             reg = report_losses(pp_group=ps.get_pipeline_model_parallel_group(), dp_group=dp_group)
-            if not (applied and math.isfinite(lm) and math.isfinite(grad_norm)):
+            if not (applied and math.isfinite(lm) and (grad_norm is None or math.isfinite(grad_norm))):
                 raise TrainingStopped(_non_finite_message(args, it + 1, lm, grad_norm, applied))
             consumed += gbs
             record = {"iteration": it + 1, "consumed_tokens": consumed * args.seq_length, "lm_loss": lm,
@@ -178,12 +178,12 @@ def run(args) -> dict:
 
 def _non_finite_message(args, iteration: int, lm: float, grad_norm: float, applied: bool) -> str:
     """Why the run stopped, what is on disk, and commands that continue from it."""
-    what = f"the LM loss is {lm:.4g} and the gradient norm {grad_norm:.4g} (not finite)"
+    what = f"the LM loss is {lm:.4g} and the gradient norm {grad_norm} (not finite)"
     update = ("the update was not applied" if not applied else
               "the update was applied in memory but is never saved")
     if not args.save:
         return f"iteration {iteration}: {what}; stopping ({update}; --save was not set, so nothing is kept)"
-    done = ckpt.complete_iterations(args.save)
+    done = [i for i in ckpt.complete_iterations(args.save) if i < iteration]  # later ones: a --ckpt-step resume's
     if not done:
         return (f"iteration {iteration}: {what}; stopping ({update}). No checkpoint was saved before it; lower --lr "
                 "or lengthen --lr-warmup-iters and start again")
