@@ -45,17 +45,24 @@ def _alive(pid):
         return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_a_signal_to_the_launcher_reaches_every_worker(tmp_path, cache, sig):
-    """SIGTERM: forwarded, every worker saves at the same step and the launcher exits 0. SIGKILL (nothing can be
-    forwarded): the workers' parent-death signal ends them; none is left orphaned."""
+@pytest.mark.parametrize("sig,at_start_up", [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGKILL, False)],
+                         ids=["sigterm", "sigterm-during-start-up", "sigkill"])
+def test_a_signal_to_the_launcher_reaches_every_worker(tmp_path, cache, sig, at_start_up):
+    """SIGTERM: forwarded, every worker saves at the same step and the launcher exits 0, also when it comes while
+    the workers are still starting. SIGKILL (nothing can be forwarded): the workers' parent-death signal ends them;
+    none is left orphaned."""
     save = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "megatron_simreg.cli", "train", *TINY, "--data-cache-path", cache,
            "--train-iters", "100000", "--save", save, "--nproc-per-node", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        _wait_for_first_row(proc, save)
+        if at_start_up:
+            deadline = time.time() + 120
+            while time.time() < deadline and len(_workers(proc.pid)) < 2:
+                time.sleep(0.1)
+        else:
+            _wait_for_first_row(proc, save)
         workers = _workers(proc.pid)
         assert len(workers) == 2, workers
         proc.send_signal(sig)

@@ -66,6 +66,7 @@ def _child(rank: int, world: int, port: int, argv, launcher_pid: int, errors_dir
     from .signals import install_signal_handlers
 
     install_signal_handlers()  # a signal during start-up (imports, data) stops the run at its first step
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # blocked by the launcher until now
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from .args import parse_train_args
@@ -84,19 +85,10 @@ def _child(rank: int, world: int, port: int, argv, launcher_pid: int, errors_dir
         sys.exit(report[0])
 
 
-def _forward_signals(context):
-    """Install handlers passing SIGTERM/SIGUSR1 on to the workers; returns a function restoring the old ones.
-
-    ``context`` is a one-element list filled with the ProcessContext once the
-    workers exist; a signal that comes earlier is passed on then.
-    """
-    pending = []
-
+def _forward_signals(pids):
+    """Pass SIGTERM/SIGUSR1 on to the workers ``pids()``; returns a function restoring the old handlers."""
     def handler(signum, frame):
-        if context[0] is None:
-            pending.append(signum)
-            return
-        for pid in context[0].pids():
+        for pid in pids():
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:  # already exited
@@ -104,15 +96,11 @@ def _forward_signals(context):
 
     previous = {sig: signal.signal(sig, handler) for sig in FORWARDED}
 
-    def started():
-        for signum in pending:
-            handler(signum, None)
-
     def restore():
         for sig, old in previous.items():
             signal.signal(sig, old)
 
-    return started, restore
+    return restore
 
 
 def _worker_error(errors_dir: str) -> Optional[Tuple[int, str]]:
@@ -132,15 +120,22 @@ def _launch_local(n: int, argv) -> int:
     if not os.environ.get("OMP_NUM_THREADS"):
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     errors_dir = tempfile.mkdtemp(prefix="megatron-simreg-errors-")
-    context = [None]
-    started, restore = _forward_signals(context)
+    # Blocked while the workers start, and inherited blocked by them until their handlers are installed: a signal
+    # in the meantime waits (here, then in the worker) instead of being lost or killing a worker mid-import.
+    # (multiprocessing's resource tracker, started by the first spawn, would unblock SIGTERM: start it before.)
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    restore = lambda: None  # noqa: E731
     try:
-        context[0] = mp.start_processes(_child, args=(n, free_port(), argv, os.getpid(), errors_dir), nprocs=n,
-                                        start_method="spawn", join=False)
-        started()
+        context = mp.start_processes(_child, args=(n, free_port(), argv, os.getpid(), errors_dir), nprocs=n,
+                                     start_method="spawn", join=False)
+        restore = _forward_signals(context.pids)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         try:
             # a failure ends the others: a grace period to report their own error, then SIGTERM, then SIGKILL
-            while not context[0].join(grace_period=10):
+            while not context.join(grace_period=10):
                 pass
         except ProcessException as e:
             reported = _worker_error(errors_dir)
@@ -155,6 +150,7 @@ def _launch_local(n: int, argv) -> int:
             return 1
         return 0
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         restore()
         shutil.rmtree(errors_dir, ignore_errors=True)
 
