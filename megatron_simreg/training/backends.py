@@ -376,14 +376,21 @@ class DeepSpeedBackend:
         torch.save(rng_state(), os.path.join(directory, f"rng_{dist.get_rank():05d}.pt"))
 
     def read_checkpoint(self, directory: str, load_optim: bool, load_rng: bool) -> None:
-        from .checkpoint import CheckpointError, load_rank_file, set_rng_state
+        from .checkpoint import CheckpointError, load_rank_file, reason, set_rng_state
 
         # DeepSpeed reads its own files (TorchCheckpointEngine.load: torch.load(weights_only=False) in 0.19); it
         # offers no weights_only switch, so a DeepSpeed checkpoint must come from a trusted source. Our RNG file
         # below is read with weights_only=True.
-        path, client = self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state",
-                                                   load_optimizer_states=load_optim,
-                                                   load_lr_scheduler_states=False)
+        try:
+            path, client = self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state",
+                                                       load_optimizer_states=load_optim,
+                                                       load_lr_scheduler_states=False)
+        except Exception as e:  # noqa: BLE001 - whatever failed, this checkpoint cannot be resumed
+            bad = unreadable_files(os.path.join(directory, "deepspeed", "state"))
+            what = (f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} corrupt or incomplete" if bad
+                    else "a file of it is unreadable")
+            raise CheckpointError(f"cannot load DeepSpeed checkpoint {directory}: {what} ({reason(e)}); point --load "
+                                  "at another checkpoint") from e
         if path is None:
             raise CheckpointError(f"DeepSpeed found no loadable state in {directory}/deepspeed; the checkpoint is "
                                   "incomplete or was written by the Megatron backend (drop --deepspeed)")
@@ -391,3 +398,21 @@ class DeepSpeedBackend:
             self.scheduler.load_state_dict(client["scheduler"])
         if load_rng:
             set_rng_state(load_rank_file(os.path.join(directory, f"rng_{dist.get_rank():05d}.pt")))
+
+
+def unreadable_files(directory: str) -> List[str]:
+    """The ``.pt`` files under ``directory`` that are not complete torch archives (truncated, empty).
+
+    DeepSpeed's ``load_checkpoint`` fails without naming the file; a torch
+    archive is a zip, whose directory sits at its end, so a cut-off file fails
+    this check cheaply, without loading any tensor.
+    """
+    import zipfile
+
+    bad = []
+    for dirpath, _, filenames in os.walk(directory):
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name.endswith(".pt") and not zipfile.is_zipfile(path):
+                bad.append(path)
+    return sorted(bad)

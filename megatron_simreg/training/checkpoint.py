@@ -37,6 +37,7 @@ directory is ignored and replaced by the next save. :func:`resume_point` and
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -48,6 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 POINTER = "latest_checkpointed_iteration.txt"
 ITER_DIR = re.compile(r"iter_\d{7}")
@@ -118,7 +120,12 @@ def run_meta(args, settings: Dict[str, Any], tokenizer_model: Optional[str]) -> 
 
 
 def save(root: str, iteration: int, meta: Dict[str, Any], backend) -> str:
-    """Write checkpoint ``iteration`` atomically; every rank calls this. Returns the final directory."""
+    """Write checkpoint ``iteration`` atomically; every rank calls this. Returns the final directory.
+
+    A failed write (a full disk, most often) is agreed on by all ranks, its
+    partial ``.tmp`` directory removed, and raised on every rank as one
+    :class:`CheckpointError` naming the cause and the intact previous checkpoint.
+    """
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
@@ -127,26 +134,140 @@ def save(root: str, iteration: int, meta: Dict[str, Any], backend) -> str:
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
         os.makedirs(tmp)
     _barrier()
-    backend.write_checkpoint(tmp, iteration)
+    failure = None
+    try:
+        backend.write_checkpoint(tmp, iteration)
+        if rank == 0:
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({**meta, "iteration": iteration}, f, indent=1, sort_keys=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        failure = e
     if os.environ.get(CRASH_ENV) == str(iteration):
         raise RuntimeError(f"crash injected into the save of iteration {iteration} ({CRASH_ENV})")
-    _barrier()
+    _raise_if_any_failed(failure, root, tmp, rank, remove=tmp)  # also the barrier: every rank has written
+    failure = remove = None
     if rank == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({**meta, "iteration": iteration}, f, indent=1, sort_keys=True)
-        if os.path.exists(final):  # re-saving an iteration: move the old copy aside first
+        renamed = False
+        try:
+            _fsync_tree(tmp)  # the files' data, then the directory entries, reach the disk before the rename
+            if os.path.exists(final):  # re-saving an iteration: move the old copy aside first
+                shutil.rmtree(final + ".old", ignore_errors=True)
+                os.rename(final, final + ".old")
+            os.rename(tmp, final)
+            renamed = True
+            _fsync_path(root)  # the rename itself
+            pointer_tmp = os.path.join(root, POINTER + ".tmp")
+            with open(pointer_tmp, "w") as f:
+                f.write(str(iteration))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(pointer_tmp, os.path.join(root, POINTER))
+            _fsync_path(root)  # the pointer's replacement
             shutil.rmtree(final + ".old", ignore_errors=True)
-            os.rename(final, final + ".old")
-        os.rename(tmp, final)
-        pointer_tmp = os.path.join(root, POINTER + ".tmp")
-        with open(pointer_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, os.path.join(root, POINTER))
-        shutil.rmtree(final + ".old", ignore_errors=True)
-    _barrier()
+        except OSError as e:  # the pointer still names the previous checkpoint
+            failure = e
+            # after the rename the directory is complete: keep it (the pointer decides what is resumed)
+            remove = None if renamed else tmp
+    _raise_if_any_failed(failure, root, tmp, rank, remove=remove)
     return final
+
+
+# Free space below which an opaque write error (torch's C++ writer may say only "basic_ios::clear: iostream
+# error") is taken for a full disk.
+NEARLY_FULL_BYTES = 64 << 20
+NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _errno(e: BaseException) -> Optional[int]:
+    """The first OS error number in ``e``'s chain: causes, contexts, and DCP's per-rank ``failures``."""
+    stack, seen = [e], set()
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno:
+            return x.errno
+        if "No space left on device" in str(x):  # a C++ writer's message quoting strerror
+            return errno.ENOSPC
+        stack += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            stack += [v[0] if isinstance(v, tuple) else v for v in failures.values()]
+    return None
+
+
+def _no_space(e: BaseException, root: str) -> Optional[str]:
+    """``"no space left on device"`` (or the quota's phrase) when ``e`` means the disk is full, else ``None``."""
+    code = _errno(e)
+    if code is not None:
+        return NO_SPACE.get(code)
+    try:  # no errno anywhere: an opaque stream error; a (nearly) full disk explains it
+        return NO_SPACE[errno.ENOSPC] if shutil.disk_usage(root).free < NEARLY_FULL_BYTES else None
+    except OSError:
+        return None
+
+
+def _raise_if_any_failed(failure: Optional[BaseException], root: str, tmp: str, rank: int,
+                         remove: Optional[str]) -> None:
+    """Share each rank's failure (a collective, so also a barrier); if any rank failed, rank 0 removes ``remove``
+    and every rank raises the same :class:`CheckpointError` (a full disk's first)."""
+    local = None if failure is None else (rank, _no_space(failure, root), reason(failure))
+    if local is not None and local[2].startswith("rank "):  # DCP's reason() names the failing rank itself
+        local = (int(local[2].split()[1].rstrip(":")), local[1], local[2].split(": ", 1)[1])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+    else:
+        everyone = [local]
+    failed = sorted((f for f in everyone if f is not None), key=lambda f: (f[1] is None, f[0]))
+    if not failed:
+        return
+    if rank == 0 and remove:
+        shutil.rmtree(remove, ignore_errors=True)
+    raise _save_error(root, tmp, *failed[0], removed=bool(remove)) from failure
+
+
+def _save_error(root: str, tmp: str, rank: int, no_space: Optional[str], why: str, removed: bool) -> CheckpointError:
+    """The message: what failed, that the previous checkpoint is intact, and what to do."""
+    try:
+        previous = find(root)
+    except CheckpointError:
+        previous = None
+    if previous is None:
+        kept = f"there is no earlier checkpoint in {root}"
+        then = "then run again"
+    else:
+        kept = f"the previous checkpoint {iteration_dir(root, previous)} is intact"
+        then = f"then resume with --load {root}"
+    # removed: the partial .tmp; otherwise it was renamed complete, but the pointer still names the previous one
+    left = "the partial directory is removed" if removed else f"{tmp[:-4]} is complete but not pointed to"
+    if no_space:
+        return CheckpointError(f"{no_space} while writing {tmp} (rank {rank}: {why}); {left} and {kept}. Free space "
+                               f"on {root} or point --save at another filesystem, {then}")
+    return CheckpointError(f"writing checkpoint {tmp} failed (rank {rank}: {why}); {left} and {kept}. Fix the cause, "
+                           f"{then}")
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file or a directory (a directory's fsync makes its new entries, e.g. a rename, durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # some filesystems cannot fsync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: str) -> None:
+    """Every file under ``directory``, then each directory bottom-up (rank 0 sees every rank's files on the
+    shared filesystem a multi-node save needs anyway)."""
+    for dirpath, _, filenames in os.walk(directory, topdown=False):
+        for name in filenames:
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
 
 
 def resume_point(load: Optional[str], ckpt_step: Optional[int] = None,
