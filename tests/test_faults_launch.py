@@ -89,7 +89,7 @@ def test_a_corrupt_checkpoint_is_one_error_line_in_every_launch_mode(tmp_path, c
     with open(os.path.join(save, "iter_0000002", "__0_0.distcp"), "r+b") as f:  # a torch_dist tensor file
         f.truncate(100)
     for launch in ([], ["--nproc-per-node", "2"]):
-        out = train("--train-iters", "4", "--load", save, *launch, cache=cache, expect_ok=False)
+        out = train("--train-iters", "2", "--load", save, *launch, cache=cache, expect_ok=False)
         errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
         assert out.returncode == 2, (launch, out.returncode, out.stderr[-3000:])
         assert len(errors) == 1 and "iter_0000002" in errors[0] and "--load" in errors[0], (launch, out.stderr[-3000:])
@@ -105,7 +105,7 @@ def test_a_corrupt_deepspeed_checkpoint_file_is_named(tmp_path, cache):
     assert os.path.isfile(bad), os.listdir(state)
     with open(bad, "r+b") as f:
         f.truncate(100)
-    out = train("--train-iters", "4", "--load", save, *ds, cache=cache, expect_ok=False)
+    out = train("--train-iters", "2", "--load", save, *ds, cache=cache, expect_ok=False)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1, out.stderr[-3000:]
     assert bad in errors[0] and "point --load at another checkpoint" in errors[0], errors
