@@ -64,9 +64,9 @@ def preprocess_jsonl(
 
     ``tokenizer_type``: Megatron-LM's ``SentencePieceTokenizer`` (``tokenizer_model`` a ``.model``) or
     ``HuggingFaceTokenizer`` (a local directory with ``tokenizer.json``; no special tokens are added, the EOD is
-    its eos token). ``workers > 1`` tokenizes in a process pool (order preserved). Errors: a missing input file or tokenizer
-    model -> ``FileNotFoundError``; a malformed line, a missing key or a non-string value -> ``ValueError``
-    naming the file, the line number and the fix. Nothing is left at the output paths after an error.
+    its eos token). ``workers > 1`` tokenizes in a process pool (order preserved). Errors: a missing input file or
+    tokenizer model -> ``FileNotFoundError``; a malformed line, a missing key or a non-string value ->
+    ``ValueError`` naming the file, the line number and the fix. Nothing is left at the output paths after an error.
     """
     import numpy
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
