@@ -26,16 +26,17 @@ def validation_tokens(run: Run, n: int) -> torch.Tensor:
     """``[n, s]`` token ids: the first ``n`` samples of the validation split the trainer evaluates on."""
     from ..data.datasets import build_gpt_datasets
     from ..data.default_corpus import prepare_default_corpus
-    from ..data.tokenizer import Tokenizer
+    from ..data.tokenizer import SENTENCEPIECE, build_tokenizer
 
     args = parse_train(run.train_argv, f"run {run.name}")
     cache = args.data_cache_path or os.path.join(os.path.expanduser("~"), ".cache", "megatron_simreg")
     if args.data_path:
-        data_path, tok_model = args.data_path, args.tokenizer_model
+        data_path, tok_type, tok_model = args.data_path, args.tokenizer_type, args.tokenizer_model
     else:
         prefix, tok_model = prepare_default_corpus(cache)
-        data_path = [prefix]
-    _, valid, _ = build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, Tokenizer(tok_model),
+        data_path, tok_type = [prefix], SENTENCEPIECE
+    _, valid, _ = build_gpt_datasets(data_path, args.split, args.seq_length, args.seed,
+                                     build_tokenizer(tok_type, tok_model),
                                      (1, n, None), cache, is_built_on_rank=lambda: True)
     if valid is None or len(valid) < n:
         raise ValueError(f"run {run.name}: the validation split has fewer than {n} sequences of {args.seq_length} "

@@ -7,6 +7,7 @@
     data:           # the same data for every run, and the token budget
       tokens: 400000            # per run; sets --train-iters (or give train-iters)
       data-path: null           # default: the package's default corpus (stdlib source, built once)
+      # tokenizer-model: DIR    # with data-path; tokenizer-type: HuggingFaceTokenizer for a tokenizer.json dir
     models:         # name -> trainer flags (`config: FILE` replaces train's; `tokens`/`train-iters`: its own budget)
       dense: {}
       moe: {num-experts: 4, moe-router-topk: 2}
@@ -39,13 +40,14 @@ from typing import Dict, List, Optional
 
 TOP_KEYS = {"train", "data", "models", "methods", "seeds", "evaluation"}
 BUDGET_KEYS = ("tokens", "train-iters")
-DATA_KEYS = {"tokens", "train-iters", "data-path", "tokenizer-model", "split", "data-cache-path"}
+DATA_KEYS = {"tokens", "train-iters", "data-path", "tokenizer-model", "tokenizer-type", "split",
+             "data-cache-path"}
 EVAL_KEYS = {"zero-shot", "analysis"}
 ZERO_SHOT_KEYS = {"tasks", "limit", "batch-size"}
 ANALYSIS_KEYS = {"sequences"}
 # Set by compare itself (run directory, seed, budget) or by `data:` (shared by every run).
 RESERVED = {"save", "load", "seed", "fresh-start", "exit-interval", "tensorboard-dir", "train-iters", "nproc-per-node",
-            "data-path", "tokenizer-model", "split", "data-cache-path"}
+            "data-path", "tokenizer-model", "tokenizer-type", "split", "data-cache-path"}
 REGULARIZER_WEIGHTS = ("simreg-weight", "jreg-weight")
 _NAME = re.compile(r"^[A-Za-z0-9_+-]+$")  # run names are "<model>.<method>.s<seed>", so no dots
 

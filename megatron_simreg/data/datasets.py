@@ -114,6 +114,51 @@ def check_prefix(prefix: str) -> None:
         f"--append-eod` and pass OUT_text_document (the prefix, without .bin/.idx).")
 
 
+def max_token_id(prefix: str, chunk: int = 1 << 24) -> int:
+    """The largest token id in ``prefix.bin`` (-1 when empty), read through a numpy memmap in chunks.
+
+    The dtype comes from the ``.idx`` header (Megatron's layout: 9-byte magic, 8-byte version, 1-byte dtype code).
+    """
+    import struct
+
+    import numpy
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+    with open(prefix + ".idx", "rb") as f:
+        if f.read(9) != _INDEX_HEADER:
+            raise ValueError(f"{prefix}.idx is not a Megatron indexed-dataset index (bad header). Fix: re-create it "
+                             f"with tools/preprocess_data.py")
+        f.read(8)
+        dtype = DType.dtype_from_code(struct.unpack("<B", f.read(1))[0])
+    if os.path.getsize(prefix + ".bin") == 0:
+        return -1
+    data = numpy.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    top = -1
+    for start in range(0, len(data), chunk):
+        top = max(top, int(data[start:start + chunk].max()))
+    del data
+    return top
+
+
+def check_token_range(data_path: Sequence[str], tokenizer, tokenizer_type: str = "SentencePieceTokenizer") -> None:
+    """Raise ``ValueError`` when a dataset of ``data_path`` holds a token id >= ``tokenizer.vocab_size``.
+
+    Such data was tokenized with another (larger) tokenizer: its ids mean other tokens, or none, for this one.
+    Reads every ``.bin`` once (a pass over the data at start-up; nothing is cached).
+    """
+    prefixes, _ = parse_blend(data_path)
+    vocab = int(tokenizer.vocab_size)
+    for prefix in prefixes:
+        check_prefix(prefix)
+        top = max_token_id(prefix)
+        if top >= vocab:
+            raise ValueError(
+                f"dataset {prefix!r} holds token id {top}, but the tokenizer {getattr(tokenizer, 'model_path', '?')} "
+                f"({tokenizer_type}) has only {vocab} tokens: the data was tokenized with another tokenizer. Fix: "
+                f"re-run tools/preprocess_data.py with this --tokenizer-type/--tokenizer-model, or pass the "
+                f"tokenizer the data was made with")
+
+
 def _data_fingerprint(prefixes: Sequence[str]) -> str:
     """Sizes of each ``.bin``/``.idx`` and a hash of the ``.idx`` head: changes when a dataset is re-made.
 

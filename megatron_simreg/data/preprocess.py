@@ -16,7 +16,7 @@ import multiprocessing
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .tokenizer import Tokenizer, json_field, parse_json_line
+from .tokenizer import SENTENCEPIECE, build_tokenizer, json_field, parse_json_line
 
 
 def document_prefix(output_prefix: str, key: str) -> str:
@@ -29,8 +29,10 @@ def document_prefix(output_prefix: str, key: str) -> str:
 _STATE: dict = {}
 
 
-def _init_worker(tokenizer_model: str, input_path: str, json_keys: Tuple[str, ...], append_eod: bool) -> None:
-    _STATE.update(tokenizer=Tokenizer(tokenizer_model), path=input_path, keys=json_keys, eod=append_eod)
+def _init_worker(tokenizer_type: str, tokenizer_model: str, input_path: str, json_keys: Tuple[str, ...],
+                 append_eod: bool) -> None:
+    _STATE.update(tokenizer=build_tokenizer(tokenizer_type, tokenizer_model), path=input_path, keys=json_keys,
+                  eod=append_eod)
 
 
 def _encode(item: Tuple[int, str]) -> Optional[Dict[str, List[int]]]:
@@ -38,7 +40,7 @@ def _encode(item: Tuple[int, str]) -> Optional[Dict[str, List[int]]]:
     if not line.strip():
         return None
     record = parse_json_line(line, _STATE["path"], line_no)
-    tokenizer: Tokenizer = _STATE["tokenizer"]
+    tokenizer = _STATE["tokenizer"]
     out = {}
     for key in _STATE["keys"]:
         ids = tokenizer.tokenize(json_field(record, key, _STATE["path"], line_no))
@@ -56,12 +58,15 @@ def preprocess_jsonl(
     append_eod: bool = False,
     workers: int = 1,
     chunksize: int = 32,
+    tokenizer_type: str = SENTENCEPIECE,
 ) -> Dict[str, str]:
     """Tokenize ``input_path`` (JSONL) into one indexed dataset per key; returns ``{key: dataset_prefix}``.
 
-    ``workers > 1`` tokenizes in a process pool (order preserved). Errors: a missing input file or tokenizer
-    model -> ``FileNotFoundError``; a malformed line, a missing key or a non-string value -> ``ValueError``
-    naming the file, the line number and the fix. Nothing is left at the output paths after an error.
+    ``tokenizer_type``: Megatron-LM's ``SentencePieceTokenizer`` (``tokenizer_model`` a ``.model``) or
+    ``HuggingFaceTokenizer`` (a local directory with ``tokenizer.json``; no special tokens are added, the EOD is
+    its eos token). ``workers > 1`` tokenizes in a process pool (order preserved). Errors: a missing input file or
+    tokenizer model -> ``FileNotFoundError``; a malformed line, a missing key or a non-string value ->
+    ``ValueError`` naming the file, the line number and the fix. Nothing is left at the output paths after an error.
     """
     import numpy
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -74,7 +79,7 @@ def preprocess_jsonl(
         raise ValueError("json_keys is empty. Fix: pass at least one key, e.g. --json-keys text.")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    tokenizer = Tokenizer(tokenizer_model)  # fails early, and clearly, on a missing model
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)  # fails early, and clearly, on a missing model
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
 
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
@@ -82,7 +87,7 @@ def preprocess_jsonl(
     prefixes = {key: document_prefix(output_prefix, key) for key in json_keys}
     tmp = {key: (f"{p}.bin.tmp{os.getpid()}", f"{p}.idx.tmp{os.getpid()}") for key, p in prefixes.items()}
     builders = {key: IndexedDatasetBuilder(tmp[key][0], dtype=dtype) for key in json_keys}
-    init_args = (tokenizer.model_path, input_path, json_keys, append_eod)
+    init_args = (tokenizer_type, tokenizer.model_path, input_path, json_keys, append_eod)
     try:
         with open(input_path, encoding="utf-8") as f:
             lines = enumerate(f, start=1)

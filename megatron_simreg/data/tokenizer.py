@@ -15,6 +15,12 @@ Training settings and why:
 
 SentencePiece trains on *lines*: each non-blank line of each document is one training sentence. A newline
 is therefore never a learned piece; it encodes as the byte piece ``<0x0A>`` (one token).
+
+Hugging Face tokenizers (Megatron-LM's ``--tokenizer-type HuggingFaceTokenizer``): :func:`build_tokenizer` returns
+a :class:`HFTokenizer` for a local directory holding ``tokenizer.json`` / ``tokenizer_config.json`` (never a
+download). It follows Megatron-LM's ``_HuggingFaceTokenizer``: ``vocab_size = len(tokenizer)`` (added tokens
+included), ``eod = eos_token_id``, and ``tokenize`` adds no special tokens, so ``--append-eod`` appends the EOD
+exactly as for sentencepiece.
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Iterable, Iterator, List, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
+
+SENTENCEPIECE, HUGGINGFACE = "SentencePieceTokenizer", "HuggingFaceTokenizer"
+TOKENIZER_TYPES = (SENTENCEPIECE, HUGGINGFACE)  # Megatron-LM's --tokenizer-type names
+# The files a Hugging Face tokenizer directory may hold; the content hash covers those present, in this order.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 NO_PAD_ID = -1  # Megatron's datasets pad with -1 and mask it out when the tokenizer has no pad id
@@ -170,9 +182,12 @@ class Tokenizer:
     never reuses stale caches), ``tokenize(text) -> list[int]``, ``detokenize(ids) -> str``, ``model_path``.
     """
 
+    tokenizer_type = SENTENCEPIECE
+
     def __init__(self, model_path: str):
         import sentencepiece as spm
 
+        check_tokenizer_path(SENTENCEPIECE, model_path)
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"tokenizer model not found: {model_path!r}. Fix: train one with "
@@ -216,3 +231,145 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+def looks_like_hf_tokenizer(path: str) -> bool:
+    """A directory or a ``.json`` file: a Hugging Face tokenizer, not a sentencepiece ``.model``."""
+    return os.path.isdir(path) or path.endswith(".json")
+
+
+def check_tokenizer_path(tokenizer_type: str, path: str) -> None:
+    """Raise ``ValueError`` naming ``path`` and the fix when it cannot be a tokenizer of ``tokenizer_type``.
+
+    Cheap (no tokenizer is loaded): a Hugging Face directory or ``.json`` passed as a sentencepiece model, a
+    Hugging Face path without tokenizer files, and a ``tokenizer.json`` that is not JSON.
+    """
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(f"--tokenizer-type {tokenizer_type!r}: expected one of {', '.join(TOKENIZER_TYPES)}")
+    if tokenizer_type == SENTENCEPIECE:
+        if looks_like_hf_tokenizer(path):
+            raise ValueError(f"--tokenizer-model {path}: this looks like a Hugging Face tokenizer; pass "
+                             f"--tokenizer-type HuggingFaceTokenizer (and the directory that holds tokenizer.json), "
+                             f"or a sentencepiece .model file")
+        return
+    if os.path.isfile(path) and os.path.basename(path) == "tokenizer.json":
+        path = os.path.dirname(path) or "."
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--tokenizer-model {path}: no such directory. Fix: with --tokenizer-type "
+                                f"HuggingFaceTokenizer pass a local directory holding tokenizer.json and "
+                                f"tokenizer_config.json (e.g. a model saved with save_pretrained)")
+    if not hf_tokenizer_files(path):
+        raise ValueError(f"--tokenizer-model {path}: no Hugging Face tokenizer files there (looked for "
+                         f"{', '.join(HF_TOKENIZER_FILES)}). Fix: pass the directory that holds tokenizer.json / "
+                         f"tokenizer_config.json, e.g. one written by tokenizer.save_pretrained(DIR)")
+    tj = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tj):
+        try:
+            with open(tj, encoding="utf-8") as f:
+                json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"--tokenizer-model {path}: {tj} is corrupt (not valid JSON: {e}). Fix: copy the "
+                             f"tokenizer files again from the model they belong to") from None
+
+
+def hf_tokenizer_files(path: str) -> List[str]:
+    """The Hugging Face tokenizer files present in directory ``path``, in :data:`HF_TOKENIZER_FILES` order."""
+    return [os.path.join(path, n) for n in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
+
+
+def tokenizer_sha256(path: Optional[str]) -> Optional[str]:
+    """SHA-256 of a tokenizer: the file itself, or, for a Hugging Face directory, its tokenizer files (name and
+    content, in a fixed order). ``None`` for no path or a path that is not there."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        files = hf_tokenizer_files(path)
+        if not files:
+            return None
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        return None
+    digest = hashlib.sha256()
+    for name in files:
+        if os.path.isdir(path):  # a single file hashes as itself (what older checkpoints recorded)
+            digest.update(os.path.basename(name).encode() + b"\0")
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer with :class:`Tokenizer`'s interface (Megatron-LM's ``_HuggingFaceTokenizer``).
+
+    ``vocab_size`` = ``len(tokenizer)`` (added tokens included); ``eod`` = ``eos`` = ``eos_token_id`` (required:
+    documents are separated by it); ``bos`` = ``bos_token_id`` (or ``None``); ``pad`` = ``pad_token_id`` or -1;
+    ``tokenize`` adds no special tokens (``add_special_tokens=False``), so no BOS is prepended and ``--append-eod``
+    appends the EOD; ``model_path`` is the directory. Loaded with ``local_files_only=True``: never downloads.
+    Pickles as its path.
+    """
+
+    tokenizer_type = HUGGINGFACE
+
+    def __init__(self, model_path: str):
+        check_tokenizer_path(HUGGINGFACE, model_path)
+        if os.path.isfile(model_path):  # a tokenizer.json: its directory
+            model_path = os.path.dirname(model_path) or "."
+        self.model_path = os.path.abspath(model_path)
+        from transformers import AutoTokenizer
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds; all mean "cannot load"
+            raise ValueError(f"--tokenizer-model {self.model_path}: cannot load it as a Hugging Face tokenizer "
+                             f"({type(e).__name__}: {str(e)[:300]}). Fix: pass a directory written by "
+                             f"save_pretrained that holds tokenizer.json / tokenizer_config.json") from None
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"--tokenizer-model {self.model_path}: the tokenizer has no eos token, which Megatron "
+                             f"uses as the end-of-document token. Fix: set eos_token in tokenizer_config.json")
+        self.unique_identifiers = {"class": HUGGINGFACE, "model_path": self.model_path,
+                                   "model_sha256": tokenizer_sha256(self.model_path)}
+
+    def __getstate__(self):
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_path"])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def eod(self) -> int:
+        return self._tok.eos_token_id
+
+    @property
+    def eos(self) -> int:
+        return self._tok.eos_token_id
+
+    @property
+    def bos(self) -> Optional[int]:
+        return self._tok.bos_token_id
+
+    @property
+    def pad(self) -> int:
+        return NO_PAD_ID if self._tok.pad_token_id is None else self._tok.pad_token_id
+
+    def tokenize(self, text: str) -> List[int]:
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+def build_tokenizer(tokenizer_type: str, model_path: str):
+    """The tokenizer for Megatron-LM's ``--tokenizer-type`` and ``--tokenizer-model``: :class:`Tokenizer`
+    (``SentencePieceTokenizer``, a ``.model`` file) or :class:`HFTokenizer` (``HuggingFaceTokenizer``, a local
+    directory). Errors name the path and the fix (see :func:`check_tokenizer_path`)."""
+    check_tokenizer_path(tokenizer_type or SENTENCEPIECE, model_path)
+    return HFTokenizer(model_path) if tokenizer_type == HUGGINGFACE else Tokenizer(model_path)

@@ -74,7 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-path", nargs="+", default=None,
                    help="indexed-dataset prefixes, optionally weighted: 0.3 A 0.7 B (default: the stdlib corpus)")
     g.add_argument("--split", default="969,30,1")
-    g.add_argument("--tokenizer-model", default=None, help="sentencepiece model (required with --data-path)")
+    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   help="Megatron-LM's names: a sentencepiece .model, or a local Hugging Face tokenizer directory "
+                        "(tokenizer.json; never downloaded)")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="the tokenizer the data was made with (required with --data-path): a sentencepiece .model "
+                        "file, or with --tokenizer-type HuggingFaceTokenizer a directory holding tokenizer.json")
     g.add_argument("--data-cache-path", default=None)
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
@@ -138,7 +144,7 @@ def finalize(parser: argparse.ArgumentParser, args: argparse.Namespace, argv=Non
         args = parser.parse_args(argv)
     try:
         validate(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return args
 
@@ -190,7 +196,14 @@ def validate(a: argparse.Namespace) -> None:
     if a.deepspeed and a.use_distributed_optimizer:
         raise ValueError("--use-distributed-optimizer is the Megatron backend's; with --deepspeed use --zero-stage")
     if a.data_path and not a.tokenizer_model:
-        raise ValueError("--data-path needs --tokenizer-model (the sentencepiece model the data was tokenized with)")
+        raise ValueError("--data-path needs --tokenizer-model (the tokenizer the data was tokenized with)")
+    if a.tokenizer_type != "SentencePieceTokenizer" and not a.data_path:
+        raise ValueError(f"--tokenizer-type {a.tokenizer_type} needs --data-path and --tokenizer-model: the default "
+                         f"corpus is tokenized with its own sentencepiece model")
+    if a.data_path and a.tokenizer_model:
+        from ..data.tokenizer import check_tokenizer_path
+
+        check_tokenizer_path(a.tokenizer_type, a.tokenizer_model)
     if a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler:
         raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each "
                          "other: pick the flags' schedule or the checkpoint's")

@@ -111,10 +111,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
-def run_meta(args, settings: Dict[str, Any], tokenizer_model: Optional[str]) -> Dict[str, Any]:
+def run_meta(args, settings: Dict[str, Any], tokenizer_model: Optional[str],
+             tokenizer_type: str = "SentencePieceTokenizer") -> Dict[str, Any]:
     """``meta.json`` of a training run's checkpoints (:func:`save` adds the iteration)."""
     return {"model": settings, "backend": "deepspeed" if args.deepspeed else "megatron",
-            "tokenizer_model": tokenizer_model,  # for export-hf
+            "tokenizer_model": tokenizer_model, "tokenizer_type": tokenizer_type,  # for export-hf
             "args": {k: v for k, v in vars(args).items()
                      if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, type(None)))}}
 

@@ -64,18 +64,24 @@ class Batches:
 def build_datasets(args, gbs: int, train_samples: int):
     """``(train, valid or None, tokenizer)`` for ``--data-path`` or the default corpus; a collective.
 
+    With ``--data-path`` the tokenizer is ``--tokenizer-type``/``--tokenizer-model``'s, and every dataset's largest
+    token id is checked against its vocabulary first (``ValueError`` naming the prefix). The default corpus is
+    tokenized with its own sentencepiece model.
+
     ``train_samples``: the last sample index the run will read, plus one."""
-    from ..data.datasets import build_gpt_datasets
+    from ..data.datasets import build_gpt_datasets, check_token_range
     from ..data.default_corpus import prepare_default_corpus
-    from ..data.tokenizer import Tokenizer
+    from ..data.tokenizer import SENTENCEPIECE, build_tokenizer
 
     cache = args.data_cache_path or os.path.join(os.path.expanduser("~"), ".cache", "megatron_simreg")
     if args.data_path:
-        data_path, tok_model = args.data_path, args.tokenizer_model
+        data_path, tok_type, tok_model = args.data_path, args.tokenizer_type, args.tokenizer_model
+        tokenizer = build_tokenizer(tok_type, tok_model)
+        check_token_range(data_path, tokenizer, tok_type)  # data from another tokenizer: refused before training
     else:
         prefix, tok_model = _on_rank0_first(lambda: prepare_default_corpus(cache))
         data_path = [prefix]
-    tokenizer = Tokenizer(tok_model)
+        tokenizer = build_tokenizer(SENTENCEPIECE, tok_model)
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
     num_samples = (train_samples, max(1, evals) * args.eval_iters * gbs, None)
     # collective: Megatron's builder lets rank 0 build the index caches first

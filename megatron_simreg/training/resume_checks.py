@@ -17,34 +17,35 @@ The model's shape and layout are checked separately (:func:`.checkpoint.check_co
 
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Any, Dict, List, Optional
 
 # flag name (as --allow-changed-on-resume takes it) -> data_settings() key
 RESUMABLE_CHANGES = {
     "global-batch-size": "global_batch_size", "seed": "seed", "data-path": "data_path", "split": "split",
-    "tokenizer-model": "tokenizer_sha256", "simreg-weight": "simreg_weight",
+    "tokenizer-model": "tokenizer_sha256", "tokenizer-type": "tokenizer_type", "simreg-weight": "simreg_weight",
     "simreg-temperature": "simreg_temperature", "jreg-weight": "jreg_weight",
 }
+# what a checkpoint written before a key was recorded means by its absence
+OLD_DEFAULTS = {"tokenizer_type": "SentencePieceTokenizer"}
 # this run's flag -> the scheduler setting it feeds (training/backends.py _scheduler)
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "train_iters", "weight_decay")
 
 
 def file_sha256(path: Optional[str]) -> Optional[str]:
-    if not path or not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a tokenizer file, or of a Hugging Face tokenizer directory's tokenizer files; ``None`` if absent."""
+    from ..data.tokenizer import tokenizer_sha256
+
+    return tokenizer_sha256(path)
 
 
-def data_settings(args, global_batch_size: int, tokenizer_model: Optional[str]) -> Dict[str, Any]:
-    """The settings that decide which tokens a run trains on and what it optimises (``meta.json["data"]``)."""
+def data_settings(args, global_batch_size: int, tokenizer_model: Optional[str],
+                  tokenizer_type: Optional[str] = None) -> Dict[str, Any]:
+    """The settings that decide which tokens a run trains on and what it optimises (``meta.json["data"]``).
+
+    ``tokenizer_type``: the tokenizer actually used (default: ``args.tokenizer_type``)."""
+    tokenizer_type = tokenizer_type or getattr(args, "tokenizer_type", None) or "SentencePieceTokenizer"
     return {"global_batch_size": global_batch_size, "seed": args.seed, "data_path": args.data_path,
-            "split": args.split, "tokenizer_sha256": file_sha256(tokenizer_model),
+            "split": args.split, "tokenizer_sha256": file_sha256(tokenizer_model), "tokenizer_type": tokenizer_type,
             "simreg_weight": args.simreg_weight, "simreg_temperature": args.simreg_temperature,
             "jreg_weight": args.jreg_weight}
 
@@ -54,6 +55,7 @@ def check_data(saved: Optional[Dict[str, Any]], current: Dict[str, Any], allowed
     """Refuse a data/regularizer change the user did not name in ``--allow-changed-on-resume``; log the others."""
     if saved is None:  # an import-hf checkpoint, or one written before these were recorded
         return
+    saved = {**OLD_DEFAULTS, **saved}
     changed = [flag for flag, key in RESUMABLE_CHANGES.items() if saved.get(key) != current.get(key)]
     refused = [flag for flag in changed if flag not in allowed]
     lines = [f"  --{flag}: checkpoint={saved.get(RESUMABLE_CHANGES[flag])!r} "

@@ -92,7 +92,7 @@ def run(args) -> dict:
     train_ds, valid_ds, tokenizer = build_datasets(args, gbs, consumed + (args.train_iters - start_iter) * gbs)
     vocab = padded_vocab(tokenizer.vocab_size, args)
     settings = model_settings(args, vocab)
-    data = data_settings(args, gbs, tokenizer.model_path)
+    data = data_settings(args, gbs, tokenizer.model_path, tokenizer.tokenizer_type)
     if prior:  # every check before the model is built: a refused resume costs seconds
         directory = ckpt.iteration_dir(args.load, start_iter)
         ckpt.check_resumable(prior_meta, settings, directory, reshardable=Backend.reshardable,
@@ -117,7 +117,7 @@ def run(args) -> dict:
 
     if prior:
         ckpt.resume(args.load, start_iter, prior_meta, backend, settings, load_optim=not args.no_load_optim)
-    meta = {**ckpt.run_meta(args, settings, tokenizer.model_path), "data": data}
+    meta = {**ckpt.run_meta(args, settings, tokenizer.model_path, tokenizer.tokenizer_type), "data": data}
     rank0 = dist.get_rank() == 0
     writer = MetricsWriter(args.save, args.tensorboard_dir, args.train_iters, start_iter, enabled=rank0)
     batches = Batches(train_ds, gbs, args.micro_batch_size)
