@@ -69,6 +69,8 @@ def model_flags(model: dict) -> str:
         if k in BOOL_KEYS and not v or v is None or (k == "moe_router_topk" and not model.get("num_experts")):
             continue
         parts.append(flag(k, v))
+    if model.get("init_method_std") is not None:  # recorded, free to change: the std of a fresh initialization
+        parts.append(flag("init_method_std", model["init_method_std"]))
     return " ".join(parts)
 
 
