@@ -205,3 +205,21 @@ def test_train_validates_the_new_model_flags(capsys):
         with pytest.raises(SystemExit):
             parse_train_args(argv)
         assert msg in capsys.readouterr().err
+
+
+def test_old_checkpoints_compare_as_their_defaults_and_seq_length_may_change():
+    """A meta.json written before rotary_base/norm_epsilon/max_position_embeddings were recorded (import-hf's old
+    layernorm_epsilon key included) resumes with the values it was trained with; seq_length is free."""
+    from megatron_simreg.training.checkpoint import CheckpointError, check_compatible
+
+    old = {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 48, "num_attention_heads": 4, "num_query_groups": 2,
+           "seq_length": 64, "normalization": "RMSNorm", "swiglu": True, "untie_embeddings_and_output_weights": False,
+           "position_embedding_type": "rope", "num_experts": None, "moe_router_topk": 2, "padded_vocab_size": 4096}
+    run = {**old, "seq_length": 32, "rotary_base": 10000.0, "norm_epsilon": 1e-5, "max_position_embeddings": 64,
+           "init_method_std": 0.02}
+    check_compatible(old, run, "old")
+    check_compatible({**old, "layernorm_epsilon": 1e-6}, {**run, "norm_epsilon": 1e-6}, "old import")
+    with pytest.raises(CheckpointError) as e:
+        check_compatible({**old, "rotary_base": 5e5}, run, "ck")
+    assert "rotary_base: checkpoint=500000.0 run=10000.0" in str(e.value)
+    assert "--rotary-base 500000" in str(e.value) and "--use-checkpoint-args" in str(e.value)

@@ -300,7 +300,7 @@ def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str,
     """Fail, listing every differing field and the flag that fixes it, when the model (or, unless ``reshardable``,
     the layout) differs. Fields an older checkpoint lacks compare as the value it was trained with; the training
     sequence length and the init std may change."""
-    from .model_setup import FREE_KEYS, flag, normalized
+    from .model_setup import FREE_KEYS, MODEL_KEYS, flag, normalized
 
     saved = normalized(saved)
     keys = sorted(k for k in set(saved) | set(current)
@@ -318,7 +318,9 @@ def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str,
             fixes.append(f"as many ranks as give data-parallel size {saved.get(k)}")
         elif k in saved:
             fixes.append(flag(k, saved[k]))
-    hint = ("pass " + ", ".join(fixes) + "; or --use-checkpoint-args to take every model flag from the checkpoint")
+    hint = "use " + "; ".join(fixes)
+    if any(k in MODEL_KEYS for k in differing):
+        hint += "; or --use-checkpoint-args to take every model flag from the checkpoint"
     if not reshardable and any(k in LAYOUT_KEYS for k in differing):
         hint += ". This backend resumes only at the layout it saved; convert it (export-hf / import-hf) to re-shard"
     raise CheckpointError(f"checkpoint {where} does not match this run's model/layout:\n" + "\n".join(lines)
