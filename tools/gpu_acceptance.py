@@ -265,7 +265,7 @@ def _trainer_batches(args, iterations: int) -> list:
 
     ps.initialize_model_parallel()
     gbs = args.global_batch_size or args.micro_batch_size
-    train_ds, _, _ = build_datasets(args, gbs)
+    train_ds, _, _ = build_datasets(args, gbs, args.train_iters * gbs)  # as the trainer does from iteration 0
     batches = Batches(train_ds, gbs, args.micro_batch_size)
     return [batches.full(it) for it in range(iterations)]
 

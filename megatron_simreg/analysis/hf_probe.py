@@ -42,6 +42,30 @@ class ProbeError(ValueError):
 # --------------------------------------------------------------------------- loading
 
 
+def weights_error(path: str, e: BaseException) -> Optional[str]:
+    """One line saying why ``from_pretrained(path)`` could not read the weights, and the fix; ``None`` when ``e``
+    is not a weight-file problem."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if type(e).__name__ == "SafetensorError":  # safetensors' Rust error: a truncated or non-safetensors file
+        which = "a shard listed in model.safetensors.index.json" if os.path.isfile(index) else \
+            os.path.join(path, "model.safetensors")
+        return (f"cannot read the weights in {which} ({first}): the file is truncated or not a safetensors file; "
+                "copy or download it again")
+    if isinstance(e, FileNotFoundError) and os.path.isfile(index):
+        missing = os.path.basename(e.filename or first.rsplit(" ", 1)[-1])
+        return (f"{index} lists the shard {missing}, which is not in {path}: copy every shard the index names "
+                "(the download is incomplete)")
+    if isinstance(e, OSError) and not any(
+            os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json",
+                                                            "pytorch_model.bin", "pytorch_model.bin.index.json")):
+        return (f"{path} has a config.json but no weights (model.safetensors, model.safetensors.index.json or "
+                "pytorch_model.bin): copy the model's weight files into it")
+    if isinstance(e, OSError):
+        return f"could not load the weights in {path}: {first}"
+    return None
+
+
 def load_causal_lm(path: str, device: str = "cpu", dtype: str = "float32"):
     """``(model, tokenizer or None)`` from a local Hugging Face directory, model in eval mode on ``device``.
 
@@ -55,7 +79,7 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str = "float32"):
     if dtype not in DTYPES:
         raise ProbeError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     if not os.path.isdir(path):
-        raise ProbeError(f"model directory not found: {path!r}. Pass a local Hugging Face model directory "
+        raise ProbeError(f"model directory not found: {path!r} does not exist. Pass a local Hugging Face model directory "
                          "(with config.json and weights), e.g. the output of `megatron-simreg export-hf`.")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ProbeError(f"{path!r} has no config.json, so it is not a Hugging Face model directory "
@@ -70,8 +94,11 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str = "float32"):
                          "(Llama, Mistral, Qwen2, Mixtral, GPT-2, GPT-NeoX, ...).")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    except (ValueError, OSError) as e:
-        raise ProbeError(f"could not load {path!r} as a causal LM: {e}") from e
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError is no OSError
+        why = weights_error(path, e)
+        if why is None and not isinstance(e, ValueError):
+            raise
+        raise ProbeError(why or f"could not load {path!r} as a causal LM: {e}") from e
     model.to(device).eval()
     tokenizer = None
     if any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):

@@ -11,7 +11,8 @@ def add_arguments(p):
                         "layout can load the checkpoint")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="checks the layers split evenly")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    p.add_argument("--seq-length", type=int, default=None, help="default: max_position_embeddings")
+    p.add_argument("--seq-length", type=int, default=None, help="recorded in meta.json (and in the printed train flags) as a default training sequence length; "
+                        "each train run picks its own (max_position_embeddings is always recorded)")
     p.add_argument("--seed", type=int, default=1234, help="recorded in meta.json (no RNG state is stored)")
     p.add_argument("--verify", action="store_true",
                    help="run Megatron and transformers on the same tokens; exit 1 above max |dlogit| 1e-4, "

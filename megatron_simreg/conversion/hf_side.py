@@ -23,10 +23,11 @@ def hf_config(model: dict, vocab_size: int, dtype: torch.dtype):
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=model["ffn_hidden_size"],
                   num_hidden_layers=model["num_layers"], num_attention_heads=heads,
                   num_key_value_heads=model["num_query_groups"], head_dim=hidden // heads, hidden_act="silu",
-                  max_position_embeddings=model["seq_length"],
-                  rms_norm_eps=model.get("layernorm_epsilon", DEFAULT_EPS),
+                  max_position_embeddings=int(model.get("max_position_embeddings") or model["seq_length"]),
+                  rms_norm_eps=float(model.get("norm_epsilon", model.get("layernorm_epsilon", DEFAULT_EPS))),
                   rope_parameters={"rope_type": "default",
                                    "rope_theta": float(model.get("rotary_base", DEFAULT_ROTARY_BASE))},
+                  initializer_range=float(model.get("init_method_std", 0.02)),
                   tie_word_embeddings=not model.get("untie_embeddings_and_output_weights", False),
                   bos_token_id=1, eos_token_id=2, pad_token_id=None, attention_dropout=0.0)
     if model.get("num_experts"):
@@ -87,20 +88,19 @@ def megatron_settings_from_hf(cfg, tp: int, pp: int, dp: int, divisible_by: int,
     settings = {
         "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
         "ffn_hidden_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
-        "num_query_groups": cfg.num_key_value_heads,
-        "seq_length": int(seq_length or cfg.max_position_embeddings), "normalization": "RMSNorm",
+        "num_query_groups": cfg.num_key_value_heads, "normalization": "RMSNorm",
         "swiglu": True, "untie_embeddings_and_output_weights": not cfg.tie_word_embeddings,
         "position_embedding_type": "rope", "num_experts": experts,
         "moe_router_topk": cfg.num_experts_per_tok if experts else 2,
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "context_parallel_size": 1,
         "deepspeed": False, "padded_vocab_size": padded, "data_parallel_size": dp,
     }
-    # Only when they differ from the trainer's built-in values: then `train --load` refuses the checkpoint
-    # (naming the field) instead of silently training another architecture.
-    if abs(cfg.rms_norm_eps - DEFAULT_EPS) > 1e-12:
-        settings["layernorm_epsilon"] = float(cfg.rms_norm_eps)
-    if theta != DEFAULT_ROTARY_BASE:
-        settings["rotary_base"] = theta
+    # `train --load` must match these (it names the flags when it does not; --use-checkpoint-args sets them)
+    settings.update(rotary_base=theta, norm_epsilon=float(cfg.rms_norm_eps),
+                    max_position_embeddings=int(cfg.max_position_embeddings),
+                    init_method_std=float(getattr(cfg, "initializer_range", 0.02)))
+    if seq_length:  # only a recorded default: the training sequence length is each run's choice
+        settings["seq_length"] = int(seq_length)
     return settings
 
 

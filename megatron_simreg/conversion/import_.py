@@ -45,12 +45,35 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..analysis.hf_probe import weights_error
+    from ..training.model_setup import model_flags
+
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--make-vocab-size-divisible-by", make_vocab_size_divisible_by)):
+        if value < 1:
+            raise ConversionError(f"{flag} must be >= 1, got {value}")
+    if seq_length is not None and seq_length < 1:
+        raise ConversionError(f"--seq-length must be >= 1, got {seq_length}")
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"--hf {hf_dir}: the directory does not exist; pass a local transformers model "
+                              "directory (config.json and weights)")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ConversionError(f"--hf {hf_dir}: no config.json there; not a transformers model directory")
     check_new_directory(save, "--save")
-    cfg = AutoConfig.from_pretrained(hf_dir)
+    try:
+        cfg = AutoConfig.from_pretrained(hf_dir)
+    except (ValueError, OSError, KeyError) as e:
+        raise ConversionError(f"--hf {hf_dir}: config.json cannot be read by transformers "
+                              f"({(str(e).strip().splitlines() or [''])[0][:300]})") from e
     settings = megatron_settings_from_hf(cfg, tp, pp, 1, make_vocab_size_divisible_by, seq_length)
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError is no OSError
+        why = weights_error(hf_dir, e)
+        if why is None:
+            raise
+        raise ConversionError(f"--hf {hf_dir}: {why}") from e
     hf_state = {k: v.detach() for k, v in hf_model.state_dict().items()}
     full = hf_to_megatron(hf_state, settings)
 
@@ -58,7 +81,7 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_
     meta = {"model": settings, "backend": "megatron",
             "tokenizer_model": os.path.abspath(sp_model) if os.path.isfile(sp_model) else None,
             "imported_from": os.path.abspath(hf_dir), "hf_vocab_size": cfg.vocab_size,
-            "args": {"seed": seed}}
+            "args": {"seed": seed, "make_vocab_size_divisible_by": make_vocab_size_divisible_by}}
     tmp = staging_dir(save)
     try:
         parity = _write_and_verify(tmp, settings, full, meta, hf_model, cfg.vocab_size, verify, log)
@@ -68,9 +91,12 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_
         publish(tmp, save)
     finally:
         discard(tmp)  # a no-op once published
+    flags = model_flags(settings) + (f" --seq-length {settings['seq_length']}" if settings.get("seq_length") else "")
     log(f"imported {hf_dir} ({type(hf_model).__name__}) to {ckpt.iteration_dir(save, 0)}: padded vocab "
-        f"{settings['padded_vocab_size']}. Continue with: megatron-simreg train --load {save} --no-load-optim "
-        f"(+ the model flags in meta.json)")
+        f"{settings['padded_vocab_size']} (the training tokenizer must have at most that many tokens).\n"
+        f"model flags recorded: {flags}\n"
+        f"continue with: megatron-simreg train --load {save} --use-checkpoint-args --no-load-optim [--seq-length N "
+        f"...] (or pass the model flags above instead of --use-checkpoint-args)")
     return parity
 
 

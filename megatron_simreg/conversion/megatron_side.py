@@ -123,7 +123,8 @@ def build_megatron_model(model: dict, state: Optional[Dict[str, torch.Tensor]] =
     shape = GPTShape(num_layers=model["num_layers"], hidden_size=model["hidden_size"],
                      ffn_hidden_size=model["ffn_hidden_size"], num_attention_heads=model["num_attention_heads"],
                      num_query_groups=model["num_query_groups"], vocab_size=model["padded_vocab_size"],
-                     seq_length=model["seq_length"], num_experts=model.get("num_experts"),
+                     seq_length=model.get("max_position_embeddings") or model["seq_length"],
+                     num_experts=model.get("num_experts"),
                      moe_router_topk=model.get("moe_router_topk", 2),
                      untie_embeddings=model.get("untie_embeddings_and_output_weights", False))
     extra = {}
@@ -132,7 +133,8 @@ def build_megatron_model(model: dict, state: Optional[Dict[str, torch.Tensor]] =
     swiglu = model.get("swiglu", True)
     config = transformer_config(shape, dtype=dtype, normalization=model.get("normalization", "RMSNorm"),
                                 gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
-                                layernorm_epsilon=model.get("layernorm_epsilon", DEFAULT_EPS), **extra)
+                                layernorm_epsilon=model.get("norm_epsilon", model.get("layernorm_epsilon", DEFAULT_EPS)),
+                                **extra)
     gpt = GPTModel(config=config, transformer_layer_spec=layer_spec(config), vocab_size=shape.vocab_size,
                    max_sequence_length=shape.seq_length, pre_process=True, post_process=True,
                    share_embeddings_and_output_weights=not shape.untie_embeddings,

@@ -54,7 +54,8 @@ def load_hf_model(hf_dir: str):
 @torch.no_grad()
 def compare(megatron_settings: dict, megatron_state: Dict[str, torch.Tensor], hf_model, vocab_size: int) -> Parity:
     """Run both models on the same random tokens (ids below the real vocabulary size)."""
-    tokens = verification_tokens(vocab_size, megatron_settings["seq_length"])
+    tokens = verification_tokens(vocab_size, megatron_settings.get("seq_length")
+                                 or megatron_settings["max_position_embeddings"])
     with SingleProcessMegatron():
         gpt = build_megatron_model(megatron_settings, megatron_state)
         ml = megatron_logits(gpt, tokens)[..., :vocab_size]

@@ -26,10 +26,11 @@ class GPTShape:
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None
     vocab_size: int = 1024
-    seq_length: int = 128
+    seq_length: int = 128  # GPTModel's max_sequence_length: the model's max_position_embeddings
     num_experts: Optional[int] = None
     moe_router_topk: int = 2
     untie_embeddings: bool = False
+    rotary_base: float = 10000.0
 
 
 def _has_apex_wgrad_fusion() -> bool:
@@ -114,5 +115,6 @@ def build_gpt(shape: GPTShape, config, position_embedding_type: str = "rope"):
         post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=not shape.untie_embeddings,
         position_embedding_type=position_embedding_type,
+        rotary_base=shape.rotary_base,
     )
     return model.cuda() if torch.cuda.is_available() else model

@@ -26,11 +26,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden (8/3 * hidden with --swiglu)")
     g.add_argument("--num-attention-heads", type=int, default=4)
     g.add_argument("--num-query-groups", type=int, default=None)
-    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--seq-length", type=int, default=128,
+                   help="training sequence length (a resume may change it; at most --max-position-embeddings with "
+                        "learned_absolute positions)")
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="the model's position limit (default --seq-length): the size of the learned_absolute "
+                        "position table; with rope it is only recorded (HF's max_position_embeddings)")
     g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm", "LayerNorm"])
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--position-embedding-type", default="rope", choices=["rope", "learned_absolute"])
+    g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (HF's rope_theta)")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="RMSNorm/LayerNorm epsilon (HF's rms_norm_eps)")
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="std of the initial weights (HF's initializer_range); no effect when weights are loaded")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
@@ -89,6 +98,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt-step", type=int, default=None,
                    help="resume from iteration N under --load instead of the one latest_checkpointed_iteration.txt "
                         "names (e.g. to step back from a bad checkpoint)")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="with --load: take the model flags (--num-layers, --hidden-size, ..., --rotary-base, "
+                        "--norm-epsilon, --max-position-embeddings) from the checkpoint's meta.json, overriding "
+                        "the command line")
     g.add_argument("--no-load-optim", action="store_true",
                    help="load the weights only; the LR schedule follows this run's flags from the checkpoint's "
                         "iteration")
@@ -142,11 +155,54 @@ def finalize(parser: argparse.ArgumentParser, args: argparse.Namespace, argv=Non
             defaults[dest] = value
         parser.set_defaults(**defaults)
         args = parser.parse_args(argv)
+    if args.use_checkpoint_args:
+        try:
+            use_checkpoint_args(args)
+        except (ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
+            parser.error(str(e))
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
     try:
         validate(args)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return args
+
+
+def use_checkpoint_args(args: argparse.Namespace, log=None) -> None:
+    """Megatron-LM's ``--use-checkpoint-args``: set the model flags from the ``meta.json`` of the checkpoint
+    ``--load`` (``--ckpt-step``) resumes from, overriding the command line, and say which."""
+    from . import checkpoint as ckpt
+    from .model_setup import MODEL_KEYS, flag, normalized
+
+    if not args.load:
+        raise ValueError("--use-checkpoint-args needs --load DIR (the checkpoint whose model flags to use)")
+    point = ckpt.resume_point(args.load, args.ckpt_step, args.fresh_start)
+    if point is None:  # --fresh-start and nothing there yet: the flags stand
+        return
+    iteration, meta = point
+    model = normalized(meta.get("model") or {})
+    if not model.get("num_layers"):
+        raise ValueError(f"--use-checkpoint-args: {ckpt.iteration_dir(args.load, iteration)}/meta.json records no "
+                         "model settings; pass the model flags instead")
+    values = {k: model[k] for k in MODEL_KEYS if k in model}
+    if "init_method_std" in model:
+        values["init_method_std"] = model["init_method_std"]
+    divisible = (meta.get("args") or {}).get("make_vocab_size_divisible_by")
+    if divisible:
+        values["make_vocab_size_divisible_by"] = divisible
+    changed = [f"{flag(k, getattr(args, k, None))} -> {flag(k, v)}" for k, v in values.items()
+               if getattr(args, k, None) != v and not (k == "max_position_embeddings"
+                                                       and getattr(args, k) is None and v == args.seq_length)]
+    for k, v in values.items():
+        setattr(args, k, v)
+    if log is None:
+        launcher = args.nproc_per_node and args.nproc_per_node > 1 and "RANK" not in os.environ
+        log = print if os.environ.get("RANK", "0") == "0" and not launcher else (lambda *a, **k: None)
+    log(f"--use-checkpoint-args: model flags from {ckpt.iteration_dir(args.load, iteration)}/meta.json: "
+        + " ".join(flag(k, v) for k, v in values.items() if not (k in ("swiglu", "untie_embeddings_and_output_weights")
+                                                                 and not v) and v is not None)
+        + (f" (overriding {'; '.join(changed)})" if changed else ""), flush=True)
 
 
 def validate(a: argparse.Namespace) -> None:
@@ -155,6 +211,14 @@ def validate(a: argparse.Namespace) -> None:
                  "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.max_position_embeddings < 1:
+        raise ValueError(f"--max-position-embeddings must be >= 1, got {a.max_position_embeddings}")
+    if a.position_embedding_type == "learned_absolute" and a.seq_length > a.max_position_embeddings:
+        raise ValueError(f"--seq-length {a.seq_length} exceeds --max-position-embeddings {a.max_position_embeddings}, "
+                         "the size of the learned_absolute position table")
+    for name in ("rotary_base", "norm_epsilon", "init_method_std"):
+        if not getattr(a, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
     if a.hidden_size % a.num_attention_heads:
         raise ValueError(f"--hidden-size {a.hidden_size} must be divisible by --num-attention-heads {a.num_attention_heads}")
     groups = a.num_query_groups or a.num_attention_heads

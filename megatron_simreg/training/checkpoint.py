@@ -419,11 +419,31 @@ def reason(e: BaseException) -> str:
 
 
 def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str, reshardable: bool = False) -> None:
-    """Fail, listing every differing field, when the model (or, unless ``reshardable``, the layout) differs."""
-    keys = sorted(k for k in set(saved) | set(current) if not (reshardable and k in LAYOUT_KEYS))
-    diff = [f"  {k}: checkpoint={saved.get(k)!r} run={current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
-    if diff:
-        hint = ("use the checkpoint's settings" if reshardable else
-                "use the checkpoint's settings, or convert it (export-hf / import-hf) to re-shard")
-        raise CheckpointError(f"checkpoint {where} does not match this run's model/layout:\n" + "\n".join(diff)
-                              + "\n" + hint)
+    """Fail, listing every differing field and the flag that fixes it, when the model (or, unless ``reshardable``,
+    the layout) differs. Fields an older checkpoint lacks compare as the value it was trained with; the training
+    sequence length and the init std may change."""
+    from .model_setup import FREE_KEYS, MODEL_KEYS, flag, normalized
+
+    saved = normalized(saved)
+    keys = sorted(k for k in set(saved) | set(current)
+                  if k not in FREE_KEYS and not (reshardable and k in LAYOUT_KEYS))
+    differing = [k for k in keys if saved.get(k) != current.get(k)]
+    if not differing:
+        return
+    lines, fixes = [], []
+    for k in differing:
+        lines.append(f"  {k}: checkpoint={saved.get(k)!r} run={current.get(k)!r}")
+        if k == "padded_vocab_size":
+            fixes.append(f"a tokenizer and --make-vocab-size-divisible-by x --tensor-model-parallel-size that pad "
+                         f"the vocabulary to the checkpoint's {saved.get(k)} rows (this run pads to {current.get(k)})")
+        elif k == "data_parallel_size":
+            fixes.append(f"as many ranks as give data-parallel size {saved.get(k)}")
+        elif k in saved:
+            fixes.append(flag(k, saved[k]))
+    hint = "use " + "; ".join(fixes)
+    if any(k in MODEL_KEYS for k in differing):
+        hint += "; or --use-checkpoint-args to take every model flag from the checkpoint"
+    if not reshardable and any(k in LAYOUT_KEYS for k in differing):
+        hint += ". This backend resumes only at the layout it saved; convert it (export-hf / import-hf) to re-shard"
+    raise CheckpointError(f"checkpoint {where} does not match this run's model/layout:\n" + "\n".join(lines)
+                          + "\n" + hint)

@@ -8,11 +8,22 @@ import torch
 import torch.distributed as dist
 
 
+# model_settings() fields that describe the model: a resume must match them (checkpoint.check_compatible), and
+# --use-checkpoint-args sets their flags from the checkpoint. Each with the value a checkpoint written before the
+# field was recorded had (None: the checkpoint's seq_length).
+MODEL_KEYS = {"num_layers": None, "hidden_size": None, "ffn_hidden_size": None, "num_attention_heads": None,
+              "num_query_groups": None, "normalization": "RMSNorm", "swiglu": False,
+              "untie_embeddings_and_output_weights": False, "position_embedding_type": "rope", "num_experts": None,
+              "moe_router_topk": 2, "rotary_base": 10000.0, "norm_epsilon": 1e-5, "max_position_embeddings": None}
+# recorded but free to change on resume: the training sequence length, the initialization's std
+FREE_KEYS = ("seq_length", "init_method_std")
+# flags of the model_settings() fields that are not plain --field-name VALUE
+BOOL_KEYS = ("swiglu", "untie_embeddings_and_output_weights", "deepspeed")
+
+
 def model_settings(args, vocab_size: int) -> dict:
     """The model (and layout) a checkpoint records; a resume must match the model (see checkpoint.check_compatible)."""
-    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
-            "normalization", "swiglu", "untie_embeddings_and_output_weights", "position_embedding_type",
-            "num_experts", "moe_router_topk", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    keys = (*MODEL_KEYS, *FREE_KEYS, "tensor_model_parallel_size", "pipeline_model_parallel_size",
             "context_parallel_size", "deepspeed")
     out = {k: getattr(args, k) for k in keys}
     out["ffn_hidden_size"] = ffn_hidden_size(args)
@@ -21,6 +32,46 @@ def model_settings(args, vocab_size: int) -> dict:
     out["data_parallel_size"] = dist.get_world_size() // (
         args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size)
     return out
+
+
+def normalized(model: dict) -> dict:
+    """A checkpoint's ``meta.json`` ``model`` settings with the fields an older checkpoint lacks at the value it
+    was trained with (import-hf once wrote ``layernorm_epsilon``, and only when not 1e-5)."""
+    out = dict(model)
+    if "layernorm_epsilon" in out:
+        out.setdefault("norm_epsilon", out.pop("layernorm_epsilon"))
+    for k, default in MODEL_KEYS.items():
+        if k not in out and default is not None:
+            out[k] = default
+    if out.get("max_position_embeddings") is None and out.get("seq_length") is not None:
+        out["max_position_embeddings"] = out["seq_length"]
+    return out
+
+
+def flag(key: str, value) -> str:
+    """The command-line flag that sets ``model_settings()[key]`` to ``value``."""
+    name = "--" + key.replace("_", "-")
+    if key in BOOL_KEYS:
+        return name if value else f"(no {name})"
+    if value is None:
+        return f"(no {name})"
+    if isinstance(value, float):
+        value = int(value) if value.is_integer() and abs(value) < 1e15 else repr(value)
+    return f"{name} {value}"
+
+
+def model_flags(model: dict) -> str:
+    """``model`` settings as the train flags that build that model, one pasteable string."""
+    model = normalized(model)
+    parts = []
+    for k in MODEL_KEYS:
+        v = model.get(k)
+        if k in BOOL_KEYS and not v or v is None or (k == "moe_router_topk" and not model.get("num_experts")):
+            continue
+        parts.append(flag(k, v))
+    if model.get("init_method_std") is not None:  # recorded, free to change: the std of a fresh initialization
+        parts.append(flag("init_method_std", model["init_method_std"]))
+    return " ".join(parts)
 
 
 def padded_vocab(vocab: int, args) -> int:
@@ -41,9 +92,9 @@ def build_model(args, vocab_size: int):
     ffn = ffn_hidden_size(args)
     shape = GPTShape(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=ffn,
                      num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-                     vocab_size=vocab_size, seq_length=args.seq_length, num_experts=args.num_experts,
+                     vocab_size=vocab_size, seq_length=args.max_position_embeddings, num_experts=args.num_experts,
                      moe_router_topk=args.moe_router_topk,
-                     untie_embeddings=args.untie_embeddings_and_output_weights)
+                     untie_embeddings=args.untie_embeddings_and_output_weights, rotary_base=args.rotary_base)
     moe = {}
     if args.num_experts:
         moe = dict(moe_aux_loss_coeff=args.moe_aux_loss_coeff,
@@ -52,6 +103,7 @@ def build_model(args, vocab_size: int):
         shape, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
         cp=args.context_parallel_size, sp=args.sequence_parallel,
         dtype=torch.bfloat16 if args.bf16 else torch.float32, normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon, init_method_std=args.init_method_std,
         gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
