@@ -324,3 +324,26 @@ def test_dataset_helpers_compile_from_source(tmp_path):
     sizes, docs = numpy.array([5, 7, 3, 9], dtype=numpy.int32), numpy.array([2, 0, 3, 1], dtype=numpy.int32)
     assert numpy.array_equal(built.build_sample_idx_int32(sizes, docs, 4, 1, 24, True, 1),
                              shipped.build_sample_idx_int32(sizes, docs, 4, 1, 24, True, 1))
+
+
+def test_max_token_id_reads_small_data_whole_and_samples_large_data(tmp_path):
+    """The start-up token-range check: exact under its budget; past it, a spread sample still finds ids that a
+    larger tokenizer's data uses throughout."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_simreg.data.datasets import max_token_id
+
+    prefix = str(tmp_path / "d")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        doc = rng.integers(0, 1000, 2000)
+        doc[rng.integers(0, 2000, 20)] = 50000 + rng.integers(0, 100, 20)  # "a bigger tokenizer's" ids, everywhere
+        builder.add_document(torch.tensor(doc), [2000])
+    builder.add_document(torch.tensor([60000]), [1])  # one id at the very end
+    builder.finalize(prefix + ".idx")
+    assert max_token_id(prefix) == 60000
+    sampled = max_token_id(prefix, budget=8192, windows=16)
+    assert 50000 <= sampled < 60000

@@ -2,7 +2,6 @@
 training with SimReg and JREG under full recompute logs the same losses as without it."""
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (tools/setup_env.sh installs it)")
 

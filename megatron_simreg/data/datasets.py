@@ -114,8 +114,10 @@ def check_prefix(prefix: str) -> None:
         f"--append-eod` and pass OUT_text_document (the prefix, without .bin/.idx).")
 
 
-def max_token_id(prefix: str, chunk: int = 1 << 24) -> int:
-    """The largest token id in ``prefix.bin`` (-1 when empty), read through a numpy memmap in chunks.
+def max_token_id(prefix: str, budget: int = 1 << 25, windows: int = 256) -> int:
+    """The largest token id in ``prefix.bin`` (-1 when empty), or, past ``budget`` tokens, in ``windows`` evenly
+    spaced windows of ``budget`` tokens in all: every rank runs this at start-up, so a multi-TB corpus must not be
+    read whole; data from a larger tokenizer uses its high ids throughout, so a spread sample finds them.
 
     The dtype comes from the ``.idx`` header (Megatron's layout: 9-byte magic, 8-byte version, 1-byte dtype code).
     """
@@ -133,9 +135,12 @@ def max_token_id(prefix: str, chunk: int = 1 << 24) -> int:
     if os.path.getsize(prefix + ".bin") == 0:
         return -1
     data = numpy.memmap(prefix + ".bin", dtype=dtype, mode="r")
-    top = -1
-    for start in range(0, len(data), chunk):
-        top = max(top, int(data[start:start + chunk].max()))
+    if len(data) <= budget:
+        spans = [(start, start + budget) for start in range(0, len(data), budget)]
+    else:
+        width, stride = budget // windows, len(data) // windows
+        spans = [(i * stride, i * stride + width) for i in range(windows)]
+    top = max(int(data[a:b].max()) for a, b in spans)
     del data
     return top
 
@@ -144,7 +149,7 @@ def check_token_range(data_path: Sequence[str], tokenizer, tokenizer_type: str =
     """Raise ``ValueError`` when a dataset of ``data_path`` holds a token id >= ``tokenizer.vocab_size``.
 
     Such data was tokenized with another (larger) tokenizer: its ids mean other tokens, or none, for this one.
-    Reads every ``.bin`` once (a pass over the data at start-up; nothing is cached).
+    Reads each ``.bin``, or a bounded sample of a large one (:func:`max_token_id`).
     """
     prefixes, _ = parse_blend(data_path)
     vocab = int(tokenizer.vocab_size)
