@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_utils import run_distributed
-from test_training import REG, cache, metrics, train  # noqa: F401 - cache is a fixture
+from trainer_utils import REG, metrics, train
 
 TINY_ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
              "--seq-length", "32", "--micro-batch-size", "2", "--swiglu", "--lr", "3e-3", "--lr-warmup-iters", "1",

@@ -51,7 +51,7 @@ def test_recompute_flags_reach_the_transformer_config(flags, expected):
 
 def test_training_under_full_recompute_logs_the_same_losses(tmp_path, cache):
     """Later steps' losses depend on earlier gradients: JREG's and pre_norm SimReg's must survive full recompute."""
-    from test_training import metrics, train
+    from trainer_utils import metrics, train
 
     reg = ["--simreg-weight", "0.1", "--simreg-representation", "pre_norm", "--jreg-weight", "1.0",
            "--jreg-weighting", "layer_weighted", "--train-iters", "3"]
