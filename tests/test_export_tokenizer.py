@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 
-import pytest
-
 from test_conversion import _tiny_hf, export_cmd, import_cmd
 
 CODE = [f"def function_{i}(x):\n    return x * {i} + {i % 7}  # the {i}th line of code" for i in range(100)]

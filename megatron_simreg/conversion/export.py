@@ -183,7 +183,8 @@ def _write_hf(out: str, full: dict, meta: dict, torch_dtype, tokenizer_model: Op
 
 
 TOKENIZER_SAMPLES = ("def main(args):\n    return 0\n", "  import os, sys  # 2024\n\n\tx = 'h\u00e9llo \u2713'",
-                     "a  b   c\n", "The quick brown fox jumps over the lazy dog. 12345", "\u65e5\u672c\u8a9e \U0001F600")
+                     "a  b   c\n", "The quick brown fox jumps over the lazy dog. 12345",
+                     "\u65e5\u672c\u8a9e \U0001F600")
 
 
 def check_exported_tokenizer(out: str, reference) -> Optional[str]:
