@@ -8,10 +8,12 @@ def add_arguments(p):
     p.add_argument("--iteration", type=int, default=None, help="default: latest_checkpointed_iteration.txt")
     p.add_argument("--out", required=True, help="output directory for the Hugging Face model")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--tokenizer-model", default=None, help="sentencepiece model (default: the one in meta.json)")
+    p.add_argument("--tokenizer-model", default=None, help="the tokenizer to export: a sentencepiece .model or a Hugging Face tokenizer directory "
+                        "(default: the one meta.json records; for an import-hf checkpoint, its source directory's)")
     p.add_argument("--verify", action="store_true",
-                   help="run Megatron and transformers on the same tokens; exit 1 above max |dlogit| 1e-4, "
-                        "leaving --out as it was")
+                   help="run Megatron and transformers on the same tokens and check that the exported tokenizer "
+                        "gives the training tokenizer's ids; exit 1 above max |dlogit| 1e-4 or on a tokenizer "
+                        "mismatch, leaving --out as it was")
 
 
 def main(args) -> int:

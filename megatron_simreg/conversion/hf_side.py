@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -15,9 +15,17 @@ from .megatron_side import DEFAULT_EPS, DEFAULT_ROTARY_BASE
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
-def hf_config(model: dict, vocab_size: int, dtype: torch.dtype):
-    """A ``LlamaConfig`` (dense) or ``MixtralConfig`` (MoE) for Megatron ``model`` settings."""
+DEFAULT_SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}  # no tokenizer known
+
+
+def hf_config(model: dict, vocab_size: int, dtype: torch.dtype, special_ids: Optional[dict] = None):
+    """A ``LlamaConfig`` (dense) or ``MixtralConfig`` (MoE) for Megatron ``model`` settings.
+
+    ``special_ids``: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (the tokenizer's; default
+    :data:`DEFAULT_SPECIAL_IDS`)."""
     from transformers import LlamaConfig, MixtralConfig
+
+    ids = {**DEFAULT_SPECIAL_IDS, **(special_ids or {})}
 
     heads, hidden = model["num_attention_heads"], model["hidden_size"]
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=model["ffn_hidden_size"],
@@ -29,7 +37,7 @@ def hf_config(model: dict, vocab_size: int, dtype: torch.dtype):
                                    "rope_theta": float(model.get("rotary_base", DEFAULT_ROTARY_BASE))},
                   initializer_range=float(model.get("init_method_std", 0.02)),
                   tie_word_embeddings=not model.get("untie_embeddings_and_output_weights", False),
-                  bos_token_id=1, eos_token_id=2, pad_token_id=None, attention_dropout=0.0)
+                  attention_dropout=0.0, **ids)
     if model.get("num_experts"):
         cfg = MixtralConfig(num_local_experts=model["num_experts"], num_experts_per_tok=model["moe_router_topk"],
                             router_jitter_noise=0.0, output_router_logits=False, sliding_window=None, **common)
@@ -177,3 +185,15 @@ def write_tokenizer(sp_model: str, out: str) -> int:
     fast.save_pretrained(out)
     shutil.copyfile(sp_model, os.path.join(out, "tokenizer.model"))
     return sp.vocab_size()
+
+
+def copy_hf_tokenizer(src_dir: str, out: str) -> list:
+    """Copy the Hugging Face tokenizer files of directory ``src_dir`` (``HF_TOKENIZER_FILES``) into ``out``;
+    returns the names copied."""
+    from ..data.tokenizer import hf_tokenizer_files
+
+    names = []
+    for path in hf_tokenizer_files(src_dir):
+        shutil.copyfile(path, os.path.join(out, os.path.basename(path)))
+        names.append(os.path.basename(path))
+    return names

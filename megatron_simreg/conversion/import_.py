@@ -77,9 +77,7 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_
     hf_state = {k: v.detach() for k, v in hf_model.state_dict().items()}
     full = hf_to_megatron(hf_state, settings)
 
-    sp_model = os.path.join(hf_dir, "tokenizer.model")
-    meta = {"model": settings, "backend": "megatron",
-            "tokenizer_model": os.path.abspath(sp_model) if os.path.isfile(sp_model) else None,
+    meta = {"model": settings, "backend": "megatron", **_tokenizer_record(hf_dir),
             "imported_from": os.path.abspath(hf_dir), "hf_vocab_size": cfg.vocab_size,
             "args": {"seed": seed, "make_vocab_size_divisible_by": make_vocab_size_divisible_by}}
     tmp = staging_dir(save)
@@ -98,6 +96,20 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_
         f"continue with: megatron-simreg train --load {save} --use-checkpoint-args --no-load-optim [--seq-length N "
         f"...] (or pass the model flags above instead of --use-checkpoint-args)")
     return parity
+
+
+def _tokenizer_record(hf_dir: str) -> dict:
+    """meta.json's ``tokenizer_model`` / ``tokenizer_type`` for the source directory's tokenizer (export-hf copies
+    its files through): its sentencepiece ``tokenizer.model`` when there is one (as before), else the directory
+    itself when it holds a ``tokenizer.json``; ``None`` when it has no tokenizer."""
+    from ..data.tokenizer import HUGGINGFACE, SENTENCEPIECE
+
+    sp_model = os.path.join(hf_dir, "tokenizer.model")
+    if os.path.isfile(sp_model):
+        return {"tokenizer_model": os.path.abspath(sp_model), "tokenizer_type": SENTENCEPIECE}
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        return {"tokenizer_model": os.path.abspath(hf_dir), "tokenizer_type": HUGGINGFACE}
+    return {"tokenizer_model": None}
 
 
 def _write_and_verify(tmp: str, settings: dict, full: dict, meta: dict, hf_model, vocab_size: int, verify: bool,

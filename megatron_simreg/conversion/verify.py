@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,8 @@ class Parity:
     megatron_loss: float
     hf_loss: float
     tolerance: float = TOLERANCE
+    tokenizer_checked: bool = False  # export-hf: the exported tokenizer against the training one
+    tokenizer_error: Optional[str] = None
 
     @property
     def loss_diff(self) -> float:
@@ -26,12 +28,13 @@ class Parity:
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_logit_diff <= self.tolerance
+        return self.max_abs_logit_diff <= self.tolerance and self.tokenizer_error is None
 
     def __str__(self) -> str:
         return (f"parity: max |dlogit| = {self.max_abs_logit_diff:.3e} (tolerance {self.tolerance:.0e}), "
-                f"loss megatron {self.megatron_loss:.6f} hf {self.hf_loss:.6f} (|dloss| = {self.loss_diff:.3e}) "
-                f"-> {'OK' if self.ok else 'FAILED'}")
+                f"loss megatron {self.megatron_loss:.6f} hf {self.hf_loss:.6f} (|dloss| = {self.loss_diff:.3e})"
+                + (f"; tokenizer: {self.tokenizer_error or 'same ids'}" if self.tokenizer_checked else "")
+                + f" -> {'OK' if self.ok else 'FAILED'}")
 
 
 def verification_tokens(vocab_size: int, seq_length: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
