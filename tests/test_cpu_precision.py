@@ -60,7 +60,8 @@ def _bf16_steps(rank, world, distributed_optimizer):
           "position_ids": torch.arange(args.seq_length).expand(tokens.shape[0], -1)}
     losses = []
     for _ in range(6):
-        sums, grad_norm = backend.train_step([mb])
+        sums, _, applied = backend.train_step([mb])
+        assert applied
         losses.append(float(sums[0] / sums[1]))
     opts = getattr(backend.optimizer, "chained_optimizers", [backend.optimizer])  # get_megatron_optimizer may chain
     groups = "shard_fp32_from_float16_groups" if distributed_optimizer else "fp32_from_float16_groups"
