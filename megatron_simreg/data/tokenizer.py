@@ -371,5 +371,6 @@ def build_tokenizer(tokenizer_type: str, model_path: str):
     """The tokenizer for Megatron-LM's ``--tokenizer-type`` and ``--tokenizer-model``: :class:`Tokenizer`
     (``SentencePieceTokenizer``, a ``.model`` file) or :class:`HFTokenizer` (``HuggingFaceTokenizer``, a local
     directory). Errors name the path and the fix (see :func:`check_tokenizer_path`)."""
-    check_tokenizer_path(tokenizer_type or SENTENCEPIECE, model_path)
-    return HFTokenizer(model_path) if tokenizer_type == HUGGINGFACE else Tokenizer(model_path)
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(f"--tokenizer-type {tokenizer_type!r}: expected one of {', '.join(TOKENIZER_TYPES)}")
+    return HFTokenizer(model_path) if tokenizer_type == HUGGINGFACE else Tokenizer(model_path)  # each checks the path

@@ -15,6 +15,7 @@ from typing import List, Optional
 import yaml
 
 from ..config import JREG_WEIGHTINGS, SIMREG_MODES
+from ..data.tokenizer import SENTENCEPIECE, TOKENIZER_TYPES
 from .resume_checks import RESUMABLE_CHANGES
 
 
@@ -83,8 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-path", nargs="+", default=None,
                    help="indexed-dataset prefixes, optionally weighted: 0.3 A 0.7 B (default: the stdlib corpus)")
     g.add_argument("--split", default="969,30,1")
-    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+    g.add_argument("--tokenizer-type", default=SENTENCEPIECE, choices=TOKENIZER_TYPES,
                    help="Megatron-LM's names: a sentencepiece .model, or a local Hugging Face tokenizer directory "
                         "(tokenizer.json; never downloaded)")
     g.add_argument("--tokenizer-model", default=None,
@@ -261,7 +261,7 @@ def validate(a: argparse.Namespace) -> None:
         raise ValueError("--use-distributed-optimizer is the Megatron backend's; with --deepspeed use --zero-stage")
     if a.data_path and not a.tokenizer_model:
         raise ValueError("--data-path needs --tokenizer-model (the tokenizer the data was tokenized with)")
-    if a.tokenizer_type != "SentencePieceTokenizer" and not a.data_path:
+    if a.tokenizer_type != SENTENCEPIECE and not a.data_path:
         raise ValueError(f"--tokenizer-type {a.tokenizer_type} needs --data-path and --tokenizer-model: the default "
                          f"corpus is tokenized with its own sentencepiece model")
     if a.data_path and a.tokenizer_model:

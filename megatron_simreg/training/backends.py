@@ -151,7 +151,8 @@ class MegatronBackend:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         sums = self._run(microbatches, forward_only=False)
-        grads = [getattr(p, "main_grad", None) for p in self.model.module.parameters()]
+        # one check per contiguous grad buffer (DDP's own list, as its zero_grad_buffer walks it), not per parameter
+        grads = [buffer.grad_data for buffer in self.model.buffers + self.model.expert_parallel_buffers]
         if not _all_finite(grads, local_ok=bool(torch.isfinite(sums).all())):
             return sums, float("nan"), False
         ok, grad_norm, _ = self.optimizer.step()
@@ -411,7 +412,7 @@ def unreadable_files(directory: str) -> List[str]:
 
     bad = []
     for dirpath, _, filenames in os.walk(directory):
-        for name in sorted(filenames):
+        for name in filenames:
             path = os.path.join(dirpath, name)
             if name.endswith(".pt") and not zipfile.is_zipfile(path):
                 bad.append(path)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+from ..data.tokenizer import tokenizer_sha256
+
 # flag name (as --allow-changed-on-resume takes it) -> data_settings() key
 RESUMABLE_CHANGES = {
     "global-batch-size": "global_batch_size", "seed": "seed", "data-path": "data_path", "split": "split",
@@ -31,21 +33,14 @@ OLD_DEFAULTS = {"tokenizer_type": "SentencePieceTokenizer"}
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "train_iters", "weight_decay")
 
 
-def file_sha256(path: Optional[str]) -> Optional[str]:
-    """SHA-256 of a tokenizer file, or of a Hugging Face tokenizer directory's tokenizer files; ``None`` if absent."""
-    from ..data.tokenizer import tokenizer_sha256
-
-    return tokenizer_sha256(path)
-
-
 def data_settings(args, global_batch_size: int, tokenizer_model: Optional[str],
                   tokenizer_type: Optional[str] = None) -> Dict[str, Any]:
     """The settings that decide which tokens a run trains on and what it optimises (``meta.json["data"]``).
 
     ``tokenizer_type``: the tokenizer actually used (default: ``args.tokenizer_type``)."""
-    tokenizer_type = tokenizer_type or getattr(args, "tokenizer_type", None) or "SentencePieceTokenizer"
+    tokenizer_type = tokenizer_type or args.tokenizer_type
     return {"global_batch_size": global_batch_size, "seed": args.seed, "data_path": args.data_path,
-            "split": args.split, "tokenizer_sha256": file_sha256(tokenizer_model), "tokenizer_type": tokenizer_type,
+            "split": args.split, "tokenizer_sha256": tokenizer_sha256(tokenizer_model), "tokenizer_type": tokenizer_type,
             "simreg_weight": args.simreg_weight, "simreg_temperature": args.simreg_temperature,
             "jreg_weight": args.jreg_weight}
 
