@@ -133,6 +133,86 @@ def test_export_after_continued_pretraining_keeps_rope_theta_and_eps(continued):
 
 
 # ----------------------------------------------------------------------------
+# a Qwen3 with its own HF tokenizer: preprocess -> import -> continue -> export
+# ----------------------------------------------------------------------------
+
+DOCS = [f"def function_{i}(x):\n    return x * {i} + {i % 7}  # the {i}th line of code" for i in range(200)]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """A tiny Qwen3 (QK-norm, head_dim 16 with hidden 32, rope_theta 1e6, untied) whose directory holds a 290-token
+    ByteLevel BPE tokenizer (eos 0, bos 1, pad 2) and a vocab_size of 300, as real models pad theirs; the data is
+    preprocessed with that tokenizer; the model is imported and trained 2 iterations at lr 0."""
+    from test_export_tokenizer import _tokenizer
+    from test_hf_tokenizer import _tool
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    root = tmp_path_factory.mktemp("qwen")
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=MAX_POS, rms_norm_eps=EPS,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=0, pad_token_id=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 if p.dim() > 1 else 1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(root / "hf")
+    _tokenizer(root / "hf", docs=DOCS)
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    assert _tool("preprocess_data")(["--input", str(root / "docs.jsonl"), "--output-prefix", str(root / "docs"),
+                                     "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                                     str(root / "hf"), "--append-eod"]) == 0
+    out = run_cli("import-hf", "--hf", str(root / "hf"), "--save", str(root / "ck"), "--tensor-model-parallel-size",
+                  "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    train = ["--load", str(root / "ck"), "--use-checkpoint-args", "--no-load-optim", "--lr", "0", "--min-lr", "0",
+             "--train-iters", "2", "--seq-length", "32", "--micro-batch-size", "2", "--split", "90,10,0",
+             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(root / "hf"),
+             "--data-path", str(root / "docs_text_document"), "--data-cache-path", str(root / "cache")]
+    out = run_cli("train", *train, "--save", str(root / "cont"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return root, model.eval(), train
+
+
+def test_continued_qwen3_with_its_hf_tokenizer_has_the_hf_models_loss(qwen):
+    root, _, train = qwen
+    records = [json.loads(ln) for ln in open(root / "cont" / "metrics.jsonl")]
+    code = ("import sys, json; from tools.gpu_acceptance import _hf_losses; "
+            "print(json.dumps(_hf_losses(sys.argv[1:], 2)))")
+    out = subprocess.run([sys.executable, "-c", code, str(root / "hf"), *train], cwd=ROOT, capture_output=True,
+                         text=True, env=ENV, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = json.loads(out.stdout.strip().splitlines()[-1])
+    got = [r["lm_loss"] for r in records]
+    assert len(got) == 2 and all(abs(g - w) < 1e-4 for g, w in zip(got, want)), (got, want)
+    meta = json.load(open(root / "cont" / "iter_0000002" / "meta.json"))
+    assert meta["model"]["qk_layernorm"] and meta["model"]["kv_channels"] == 16
+    assert meta["tokenizer_type"] == "HuggingFaceTokenizer" and meta["hf_vocab_size"] == 300
+
+
+def test_export_after_continued_pretraining_gives_the_source_vocabulary_and_tokenizer(qwen):
+    """AutoModelForCausalLM / AutoTokenizer load the export; its vocabulary is the source's 300 rows (10 past the
+    tokenizer), its tokenizer gives the source's ids, and (lr 0) its logits are the source's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, src, _ = qwen
+    out = run_cli("export-hf", "--load", str(root / "cont"), "--out", str(root / "out"), "--verify")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    back = AutoModelForCausalLM.from_pretrained(root / "out").eval()
+    assert type(back).__name__ == "Qwen3ForCausalLM" and back.config.vocab_size == src.config.vocab_size == 300
+    assert (back.config.bos_token_id, back.config.eos_token_id, back.config.pad_token_id) == (1, 0, 2)
+    a, b = AutoTokenizer.from_pretrained(root / "hf"), AutoTokenizer.from_pretrained(root / "out")
+    assert len(a) == len(b) == 290
+    for text in DOCS[:5] + ["h\u00e9llo \u2713"]:
+        assert a(text)["input_ids"] == b(text)["input_ids"]
+    x = torch.tensor([a(DOCS[7])["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(src(x).logits, back(x).logits, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
 # bad inputs: exit 2, one error line, no traceback
 # ----------------------------------------------------------------------------
 

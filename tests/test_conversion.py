@@ -106,25 +106,57 @@ def test_tp_merge_concatenates_along_the_layer_axis_and_never_sums():
 # ----------------------------------------------------------------------------
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 def _tiny_hf(kind, path, tie=False):
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    """A tiny random HF model of each accepted architecture, with its distinguishing features switched on."""
+    import transformers as tf
 
     torch.manual_seed(0)
     common = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tie)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = MixtralForCausalLM(MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common))
+    qwen3 = dict(head_dim=16)  # heads x head_dim = 64 != hidden 32, as in Qwen3-0.6B/4B: needs --kv-channels
+    model = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**common)),
+        # Llama 3.2's RoPE scaling: of head_dim 8's four frequencies one is smoothed and one divided by 32
+        "llama3": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(rope_parameters=LLAMA3_ROPE, **common)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(sliding_window=None, **common)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)),
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**qwen3, **common)),
+        "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2,
+                                                                  **common)),
+        "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True, **qwen3, **common)),
+        "qwen3_moe-no-renorm": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False, **qwen3,
+            **common)),
+    }[kind]()
     with torch.no_grad():
-        for p in model.parameters():  # random norms too, so a swapped norm shows
+        for p in model.parameters():  # random norms and biases too, so a swapped one shows
             p.copy_(torch.randn_like(p) * 0.2 if p.dim() > 1 else 1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     return model.eval()
 
 
-@pytest.mark.parametrize("kind,pp", [("llama", 1), ("llama", 2), ("mixtral", 1)],
-                         ids=["llama-gqa-tp2", "llama-gqa-tp2-pp2", "mixtral-tp2"])
+ARCHITECTURES = {  # kind -> (PP, the flags import-hf must record, the exported architecture)
+    "llama": (1, {}, "LlamaForCausalLM"),
+    "llama3": (1, {"use_rope_scaling": True, "rope_scaling_factor": 32.0, "rotary_base": 500000.0},
+               "LlamaForCausalLM"),
+    "mistral": (1, {}, "LlamaForCausalLM"),
+    "qwen2": (2, {"add_qkv_bias": True}, "Qwen2ForCausalLM"),
+    "qwen3": (2, {"qk_layernorm": True, "kv_channels": 16}, "Qwen3ForCausalLM"),
+    "mixtral": (1, {"num_experts": 4, "moe_ffn_hidden_size": 48}, "MixtralForCausalLM"),
+    "qwen3_moe": (1, {"qk_layernorm": True, "kv_channels": 16, "moe_ffn_hidden_size": 24,
+                      "moe_router_pre_softmax": False}, "Qwen3MoeForCausalLM"),
+    "qwen3_moe-no-renorm": (1, {"moe_router_pre_softmax": True}, "Qwen3MoeForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("kind,pp", [("llama", 2), *((k, v[0]) for k, v in ARCHITECTURES.items())],
+                         ids=["llama-tp2-pp2", *(f"{k}-tp2" + ("-pp2" if v[0] == 2 else "")
+                                                  for k, v in ARCHITECTURES.items())])
 def test_hf_round_trip_identical_logits(tmp_path, kind, pp):
     from transformers import AutoModelForCausalLM
 
@@ -134,11 +166,14 @@ def test_hf_round_trip_identical_logits(tmp_path, kind, pp):
     meta = json.load(open(tmp_path / "ck" / "iter_0000000" / "meta.json"))
     written = {p.name for p in (tmp_path / "ck" / "iter_0000000").iterdir()}  # dist_checkpointing, torch_dist
     assert {"metadata.json", "common.pt", ".metadata", "meta.json"} <= written and not any("rank_" in n for n in written)
-    assert meta["model"]["padded_vocab_size"] == 512 and meta["model"]["tensor_model_parallel_size"] == 2
+    assert meta["model"]["padded_vocab_size"] == 300 and meta["model"]["tensor_model_parallel_size"] == 2
+    _, recorded, architecture = ARCHITECTURES[kind]
+    for key, value in recorded.items():
+        assert meta["model"][key] == value, (key, meta["model"][key])
     assert export_cmd("--load", str(tmp_path / "ck"), "--out", str(tmp_path / "out"), "--verify") == 0
     cfg = json.load(open(tmp_path / "out" / "config.json"))
     assert cfg["vocab_size"] == 300 and cfg["num_key_value_heads"] == 2
-    assert cfg["architectures"] == ["MixtralForCausalLM" if kind == "mixtral" else "LlamaForCausalLM"]
+    assert cfg["architectures"] == [architecture]
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -146,6 +181,18 @@ def test_hf_round_trip_identical_logits(tmp_path, kind, pp):
         assert torch.equal(src(x).logits, back(x).logits)
     for k, v in src.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("kind,feature", [("llama3", "use_rope_scaling"), ("qwen3_moe-no-renorm",
+                                                                        "moe_router_pre_softmax")])
+def test_verify_fails_when_a_feature_is_not_carried(tmp_path, monkeypatch, kind, feature):
+    """The round trips above are not vacuous: the RoPE scaling and the router's softmax change the logits."""
+    from megatron_simreg.conversion import import_
+
+    _tiny_hf(kind, tmp_path / "hf")
+    real = import_.megatron_settings_from_hf
+    monkeypatch.setattr(import_, "megatron_settings_from_hf", lambda *a, **k: {**real(*a, **k), feature: False})
+    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "ck"), "--verify") == 1
 
 
 def test_verify_fails_on_a_wrong_mapping(tmp_path, monkeypatch):

@@ -52,6 +52,20 @@ def test_parallel_layouts_log_the_same_losses(tmp_path, cache, layout):
 
 
 @pytest.mark.parametrize("backend", [[], ["--deepspeed", "--zero-stage", "1"]], ids=["megatron", "deepspeed"])
+def test_qwen_attention_under_tp2_logs_the_same_losses(tmp_path, cache, backend):
+    """QKV biases (split with their rows) and QK-norm (each TP rank normalizes its own heads with the shared
+    weights, whose gradients must be summed over TP, as finalize_model_grads does) at TP=2, no SP, equal TP=1."""
+    qwen = ["--add-qkv-bias", "--qk-layernorm", "--kv-channels", "16", *REG, *backend]
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    train("--train-iters", "3", "--save", single, *qwen, cache=cache)
+    train("--train-iters", "3", "--save", multi, "--nproc-per-node", "2", "--tensor-model-parallel-size", "2", *qwen,
+          cache=cache)
+    for ra, rb in zip(metrics(single), metrics(multi), strict=True):
+        for key in ("lm_loss", "simreg_loss", "jreg_loss"):
+            assert abs(ra[key] - rb[key]) <= 2e-5 * abs(ra[key]), (key, ra, rb)
+
+
+@pytest.mark.parametrize("backend", [[], ["--deepspeed", "--zero-stage", "1"]], ids=["megatron", "deepspeed"])
 def test_moe_tp2_sp_logs_the_same_losses(tmp_path, cache, backend):
     moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", *REG, *backend]
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")

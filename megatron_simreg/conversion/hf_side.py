@@ -1,4 +1,4 @@
-"""The Hugging Face side: config building/checking, safetensors shards, the tokenizer."""
+"""The Hugging Face side: config building/checking (which HF architectures, and how they map to Megatron flags), safetensors shards, the tokenizer."""
 
 from __future__ import annotations
 
@@ -9,90 +9,118 @@ from typing import Dict, Optional
 
 import torch
 
-from .layout import ConversionError
-from .megatron_side import DEFAULT_EPS, DEFAULT_ROTARY_BASE
+from ..training.model_setup import MODEL_KEYS
+from .layout import ConversionError, hf_model_type
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 DEFAULT_SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}  # no tokenizer known
 
+# HF model_type -> how import-hf reads it; Mistral and TinyLlama/SmolLM (model_type llama) take the Llama path
+ACCEPTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+# the rope_parameters of Llama 3.x's rope_type "llama3" that megatron-core's RoPE scaling hard-codes
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
 
 def hf_config(model: dict, vocab_size: int, dtype: torch.dtype, special_ids: Optional[dict] = None):
-    """A ``LlamaConfig`` (dense) or ``MixtralConfig`` (MoE) for Megatron ``model`` settings.
+    """The transformers config (Llama, Qwen2, Qwen3, Mixtral or Qwen3-MoE; :func:`~.layout.hf_model_type`
+    picks) for Megatron ``model`` settings.
 
     ``special_ids``: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (the tokenizer's; default
     :data:`DEFAULT_SPECIAL_IDS`)."""
-    from transformers import LlamaConfig, MixtralConfig
+    import transformers
 
-    ids = {**DEFAULT_SPECIAL_IDS, **(special_ids or {})}
+    from ..training.model_setup import normalized
 
-    heads, hidden = model["num_attention_heads"], model["hidden_size"]
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=model["ffn_hidden_size"],
-                  num_hidden_layers=model["num_layers"], num_attention_heads=heads,
-                  num_key_value_heads=model["num_query_groups"], head_dim=hidden // heads, hidden_act="silu",
-                  max_position_embeddings=int(model.get("max_position_embeddings") or model["seq_length"]),
-                  rms_norm_eps=float(model.get("norm_epsilon", model.get("layernorm_epsilon", DEFAULT_EPS))),
-                  rope_parameters={"rope_type": "default",
-                                   "rope_theta": float(model.get("rotary_base", DEFAULT_ROTARY_BASE))},
-                  initializer_range=float(model.get("init_method_std", 0.02)),
-                  tie_word_embeddings=not model.get("untie_embeddings_and_output_weights", False),
-                  attention_dropout=0.0, **ids)
-    if model.get("num_experts"):
-        cfg = MixtralConfig(num_local_experts=model["num_experts"], num_experts_per_tok=model["moe_router_topk"],
-                            router_jitter_noise=0.0, output_router_logits=False, sliding_window=None, **common)
-    else:
-        cfg = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+    model = normalized(model)
+    kind = hf_model_type(model)
+    rope = {"rope_type": "default", "rope_theta": float(model["rotary_base"])}
+    if model["use_rope_scaling"]:
+        rope.update(rope_type="llama3", factor=float(model["rope_scaling_factor"]), **LLAMA3_ROPE_FIXED)
+    common = dict(vocab_size=vocab_size, hidden_size=model["hidden_size"], intermediate_size=model["ffn_hidden_size"],
+                  num_hidden_layers=model["num_layers"], num_attention_heads=model["num_attention_heads"],
+                  num_key_value_heads=model["num_query_groups"], head_dim=model["kv_channels"], hidden_act="silu",
+                  max_position_embeddings=int(model["max_position_embeddings"]),
+                  rms_norm_eps=float(model["norm_epsilon"]), rope_parameters=rope,
+                  initializer_range=float(model.get("init_method_std") or 0.02),
+                  tie_word_embeddings=not model["untie_embeddings_and_output_weights"], attention_dropout=0.0,
+                  **{**DEFAULT_SPECIAL_IDS, **(special_ids or {})})
+    moe = dict(num_experts_per_tok=model["moe_router_topk"], output_router_logits=False)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(use_sliding_window=False, **common)
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3Config(attention_bias=False, use_sliding_window=False, **common)
+    elif kind == "mixtral":
+        common["intermediate_size"] = model["moe_ffn_hidden_size"]  # Mixtral's is each expert's
+        cfg = transformers.MixtralConfig(num_local_experts=model["num_experts"], router_jitter_noise=0.0,
+                                         sliding_window=None, **moe, **common)
+    else:  # qwen3_moe: every layer an MoE layer
+        cfg = transformers.Qwen3MoeConfig(num_experts=model["num_experts"], moe_intermediate_size=model["moe_ffn_hidden_size"],
+                                          norm_topk_prob=not model["moe_router_pre_softmax"], decoder_sparse_step=1,
+                                          mlp_only_layers=[], attention_bias=False, use_sliding_window=False, **moe,
+                                          **common)
     cfg.dtype = dtype
-    cfg.architectures = ["MixtralForCausalLM" if model.get("num_experts") else "LlamaForCausalLM"]
+    cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
     return cfg
 
 
-def _rope_theta(cfg) -> float:
-    rp = getattr(cfg, "rope_parameters", None) or {}
-    if isinstance(rp, dict) and "rope_theta" in rp:
-        rtype = rp.get("rope_type", "default")
-        if rtype != "default":
-            raise ConversionError(f"rope scaling {rtype!r} is not supported (Megatron's GPTModel here uses plain "
-                                  "RoPE)")
-        return float(rp["rope_theta"])
-    if getattr(cfg, "rope_scaling", None):
-        raise ConversionError(f"rope scaling {cfg.rope_scaling} is not supported")
-    return float(getattr(cfg, "rope_theta", DEFAULT_ROTARY_BASE))
+def _rope(cfg) -> dict:
+    """``rotary_base`` and, for Llama 3.x's scaling, ``use_rope_scaling`` / ``rope_scaling_factor``; raises
+    :class:`ConversionError` naming a RoPE variant megatron-core cannot express."""
+    rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    theta = float(rp.get("rope_theta", getattr(cfg, "rope_theta", MODEL_KEYS["rotary_base"])))
+    rtype = rp.get("rope_type", rp.get("type", "default"))
+    if rtype == "default":
+        return {"rotary_base": theta}
+    if rtype == "llama3":
+        fixed = {k: rp.get(k) for k in LLAMA3_ROPE_FIXED}
+        if any(fixed[k] is None or float(fixed[k]) != v for k, v in LLAMA3_ROPE_FIXED.items()):
+            raise ConversionError(f"rope scaling 'llama3' with {fixed}: megatron-core's RoPE scaling supports only "
+                                  f"{LLAMA3_ROPE_FIXED} (Llama 3.1/3.2's values)")
+        return {"rotary_base": theta, "use_rope_scaling": True, "rope_scaling_factor": float(rp["factor"])}
+    raise ConversionError(f"rope scaling {rtype!r} is not supported (plain RoPE and Llama 3's 'llama3' are)")
 
 
-def megatron_settings_from_hf(cfg, tp: int, pp: int, dp: int, divisible_by: int, seq_length=None) -> dict:
-    """The trainer's ``model_settings()`` fields for an HF Llama/Mixtral config; refuses what it cannot express."""
+def megatron_settings_from_hf(cfg, tp: int, pp: int, dp: int, divisible_by: Optional[int], seq_length=None) -> dict:
+    """The trainer's ``model_settings()`` fields for an HF config of an :data:`ACCEPTED_MODEL_TYPES` model;
+    refuses, naming each feature, what Megatron's GPTModel here cannot express."""
     mt = getattr(cfg, "model_type", None)
-    if mt not in ("llama", "mixtral"):
-        raise ConversionError(f"model_type {mt!r} is not supported (llama and mixtral are)")
+    if mt not in ACCEPTED_MODEL_TYPES:
+        hint = " (Qwen2-MoE has shared experts, which are not supported)" if mt == "qwen2_moe" else ""
+        raise ConversionError(f"model_type {mt!r} is not supported{hint}; accepted: {', '.join(ACCEPTED_MODEL_TYPES)}")
+    moe = mt in ("mixtral", "qwen3_moe")
     problems = []
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        problems.append("biases (attention_bias/mlp_bias)")
+    if mt in ("llama", "qwen3", "qwen3_moe") and getattr(cfg, "attention_bias", False):
+        problems.append("attention_bias=True (q/k/v and o_proj biases; Megatron's --add-qkv-bias covers q/k/v only)")
+    if getattr(cfg, "mlp_bias", False):
+        problems.append("mlp_bias=True")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={cfg.hidden_act} (SwiGLU needs silu)")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
-        problems.append(f"head_dim={head_dim} != hidden_size / num_attention_heads")
-    if getattr(cfg, "sliding_window", None):
-        problems.append(f"sliding_window={cfg.sliding_window}")
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", mt in ("mistral", "mixtral")) and window \
+            and window < cfg.max_position_embeddings:
+        problems.append(f"sliding_window={window} (sliding-window attention)")
     if mt == "mixtral" and getattr(cfg, "router_jitter_noise", 0.0):
         problems.append(f"router_jitter_noise={cfg.router_jitter_noise}")
+    if mt == "qwen3_moe" and (getattr(cfg, "decoder_sparse_step", 1) != 1 or getattr(cfg, "mlp_only_layers", [])):
+        problems.append(f"dense layers between the MoE layers (decoder_sparse_step={cfg.decoder_sparse_step}, "
+                        f"mlp_only_layers={cfg.mlp_only_layers})")
     try:
-        theta = _rope_theta(cfg)
+        rope = _rope(cfg)
     except ConversionError as e:
         problems.append(str(e))
-        theta = DEFAULT_ROTARY_BASE
+        rope = {}
     if problems:
         raise ConversionError("cannot convert this HF model faithfully:\n  - " + "\n  - ".join(problems))
-    for name, size in (("layers", cfg.num_hidden_layers),):
-        if size % pp:
-            raise ConversionError(f"{size} {name} cannot be split over {pp} pipeline stages")
+    if cfg.num_hidden_layers % pp:
+        raise ConversionError(f"{cfg.num_hidden_layers} layers cannot be split over {pp} pipeline stages")
     if cfg.num_key_value_heads % tp:
         raise ConversionError(f"num_key_value_heads={cfg.num_key_value_heads} is not divisible by TP={tp}")
-    multiple = divisible_by * tp
-    padded = -(-cfg.vocab_size // multiple) * multiple
-    experts = getattr(cfg, "num_local_experts", None) if mt == "mixtral" else None
+    multiple = (divisible_by or 1) * tp
+    experts = (cfg.num_local_experts if mt == "mixtral" else cfg.num_experts) if moe else None
     settings = {
         "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
         "ffn_hidden_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
@@ -100,13 +128,18 @@ def megatron_settings_from_hf(cfg, tp: int, pp: int, dp: int, divisible_by: int,
         "swiglu": True, "untie_embeddings_and_output_weights": not cfg.tie_word_embeddings,
         "position_embedding_type": "rope", "num_experts": experts,
         "moe_router_topk": cfg.num_experts_per_tok if experts else 2,
+        "kv_channels": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        "add_qkv_bias": mt == "qwen2", "qk_layernorm": mt in ("qwen3", "qwen3_moe"),
+        "moe_ffn_hidden_size": (cfg.moe_intermediate_size if mt == "qwen3_moe" else cfg.intermediate_size)
+        if moe else None,
+        "moe_router_pre_softmax": mt == "qwen3_moe" and not cfg.norm_topk_prob,
+        "use_rope_scaling": False, "rope_scaling_factor": None,
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "context_parallel_size": 1,
-        "deepspeed": False, "padded_vocab_size": padded, "data_parallel_size": dp,
+        "deepspeed": False, "padded_vocab_size": -(-cfg.vocab_size // multiple) * multiple, "data_parallel_size": dp,
     }
     # `train --load` must match these (it names the flags when it does not; --use-checkpoint-args sets them)
-    settings.update(rotary_base=theta, norm_epsilon=float(cfg.rms_norm_eps),
-                    max_position_embeddings=int(cfg.max_position_embeddings),
-                    init_method_std=float(getattr(cfg, "initializer_range", 0.02)))
+    settings.update(norm_epsilon=float(cfg.rms_norm_eps), max_position_embeddings=int(cfg.max_position_embeddings),
+                    init_method_std=float(getattr(cfg, "initializer_range", 0.02)), **rope)
     if seq_length:  # only a recorded default: the training sequence length is each run's choice
         settings["seq_length"] = int(seq_length)
     return settings

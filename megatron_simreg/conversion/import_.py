@@ -1,4 +1,4 @@
-"""``import-hf``: a ``transformers`` Llama/Mixtral directory -> one of our checkpoints (Megatron backend).
+"""``import-hf``: a ``transformers`` model directory (``hf_side.ACCEPTED_MODEL_TYPES``) -> one of our checkpoints (Megatron backend).
 
 The checkpoint is a dist_checkpointing one holding model weights only (no
 optimizer state, no RNG): continue with ``megatron-simreg train --load CKPT
@@ -34,12 +34,13 @@ class _ModelOnly:
         save_dist_checkpoint(self.gpt, directory)
 
 
-def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_divisible_by: int = 128,
+def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_divisible_by: Optional[int] = None,
               seq_length: Optional[int] = None, seed: int = 1234, verify: bool = False, log=print):
     """Write checkpoint iteration 0 under ``save``; returns the :class:`~.verify.Parity` with ``verify``.
 
-    ``tp`` sets the vocabulary padding (a multiple of ``make_vocab_size_divisible_by * tp``) and, with
-    ``pp``, the layout recorded in ``meta.json``; any layout can load the checkpoint. ``save`` must be empty
+    The vocabulary keeps the HF model's rows, rounded up to a multiple of ``tp`` (of
+    ``make_vocab_size_divisible_by * tp`` when given); ``tp`` and ``pp`` are the layout recorded in
+    ``meta.json``, and any layout whose TP divides the rows can load the checkpoint. ``save`` must be empty
     or missing (an import never replaces a checkpoint); it appears only once the checkpoint is complete and,
     with ``verify``, has passed the parity check.
     """
@@ -49,7 +50,8 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_
     from ..training.model_setup import model_flags
 
     for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                        ("--make-vocab-size-divisible-by", make_vocab_size_divisible_by)):
+                        ("--make-vocab-size-divisible-by", 1 if make_vocab_size_divisible_by is None
+                                                          else make_vocab_size_divisible_by)):
         if value < 1:
             raise ConversionError(f"{flag} must be >= 1, got {value}")
     if seq_length is not None and seq_length < 1:
@@ -79,7 +81,7 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_
 
     meta = {"model": settings, "backend": "megatron", **_tokenizer_record(hf_dir),
             "imported_from": os.path.abspath(hf_dir), "hf_vocab_size": cfg.vocab_size,
-            "args": {"seed": seed, "make_vocab_size_divisible_by": make_vocab_size_divisible_by}}
+            "args": {"seed": seed, "make_vocab_size_divisible_by": make_vocab_size_divisible_by or 1}}
     tmp = staging_dir(save)
     try:
         parity = _write_and_verify(tmp, settings, full, meta, hf_model, cfg.vocab_size, verify, log)
@@ -90,8 +92,11 @@ def import_hf(hf_dir: str, save: str, tp: int = 1, pp: int = 1, make_vocab_size_
     finally:
         discard(tmp)  # a no-op once published
     flags = model_flags(settings) + (f" --seq-length {settings['seq_length']}" if settings.get("seq_length") else "")
-    log(f"imported {hf_dir} ({type(hf_model).__name__}) to {ckpt.iteration_dir(save, 0)}: padded vocab "
-        f"{settings['padded_vocab_size']} (the training tokenizer must have at most that many tokens).\n"
+    rows = settings["padded_vocab_size"]
+    padding = (f"; rows {cfg.vocab_size}..{rows - 1} are zero padding, whose logits (0) join the softmax"
+               if rows > cfg.vocab_size else "")
+    log(f"imported {hf_dir} ({type(hf_model).__name__}) to {ckpt.iteration_dir(save, 0)}: vocabulary {rows} rows "
+        f"(the training tokenizer must have at most that many tokens){padding}.\n"
         f"model flags recorded: {flags}\n"
         f"continue with: megatron-simreg train --load {save} --use-checkpoint-args --no-load-optim [--seq-length N "
         f"...] (or pass the model flags above instead of --use-checkpoint-args)")

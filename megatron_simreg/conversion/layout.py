@@ -101,8 +101,10 @@ def tp_rule(name: str, swiglu: bool):
         return 0, (2 if swiglu and name.endswith("linear_fc1.weight") else 1)
     if name.endswith(_ROW):
         return 1, 1
+    if name.endswith("linear_qkv.bias"):  # --add-qkv-bias (Qwen2): split with its rows
+        return 0, 1
     if name.endswith(".bias"):
-        raise ConversionError(f"{name}: linear biases are not supported (Llama/Mixtral have none)")
+        raise ConversionError(f"{name}: linear biases other than --add-qkv-bias's are not supported")
     return None
 
 
@@ -167,34 +169,50 @@ def normalize_megatron_names(sd: Dict[str, torch.Tensor], num_experts: Optional[
 # ----------------------------------------------------------------------------
 
 
-def check_megatron_supported(sd: Dict[str, torch.Tensor], model: dict) -> None:
-    """Refuse, naming the feature, what Llama/Mixtral cannot express."""
+def hf_model_type(model: dict, sd: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """The HF ``model_type`` that expresses Megatron ``model`` settings (normalized): llama, qwen2 (QKV bias),
+    qwen3 (QK-norm), mixtral or qwen3_moe (QK-norm); raises :class:`ConversionError` naming each feature none
+    of them has (in the settings, or in the state dict ``sd`` when given)."""
     problems = []
-    if model.get("normalization", "RMSNorm") != "RMSNorm":
-        problems.append(f"normalization={model['normalization']} (LayerNorm): Llama/Mixtral use RMSNorm")
-    if model.get("position_embedding_type", "rope") != "rope":
-        problems.append(f"position_embedding_type={model['position_embedding_type']} (learned absolute "
-                        "positions): Llama/Mixtral use rotary embeddings")
-    if not model.get("swiglu", False):
-        problems.append("a GELU MLP (trained without --swiglu): Llama/Mixtral use SwiGLU")
-    biases = [k for k in sd if k.endswith(".bias") or k.endswith("layer_norm_bias")]
-    if biases:
-        problems.append(f"biases ({biases[0]} and {len(biases) - 1} more): Llama/Mixtral have no linear biases")
-    qk = [k for k in sd if "q_layernorm" in k or "k_layernorm" in k]
-    if qk:
-        problems.append(f"QK layer norm ({qk[0]}): not part of Llama/Mixtral")
-    if any("shared_expert" in k for k in sd):
-        problems.append("shared experts: not part of Mixtral")
+    if model["normalization"] != "RMSNorm":
+        problems.append(f"normalization={model['normalization']}: the HF architectures here use RMSNorm")
+    if model["position_embedding_type"] != "rope":
+        problems.append(f"position_embedding_type={model['position_embedding_type']} (learned absolute positions): "
+                        "the HF architectures here use rotary embeddings")
+    if not model["swiglu"]:
+        problems.append("a GELU MLP (trained without --swiglu): the HF architectures here use SwiGLU")
+    bias, qk, moe = model["add_qkv_bias"], model["qk_layernorm"], bool(model.get("num_experts"))
+    if sd is not None:  # what the tensors hold beyond the settings
+        biases = [k for k in sd if k.endswith(".bias") and not (bias and k.endswith("linear_qkv.bias"))]
+        if biases:
+            problems.append(f"biases ({biases[0]} and {len(biases) - 1} more): only --add-qkv-bias's q/k/v biases "
+                            "(Qwen2) convert")
+        norms = [k for k in sd if "q_layernorm" in k or "k_layernorm" in k]
+        if norms and not qk:
+            problems.append(f"QK layer norm ({norms[0]}) though the settings have no --qk-layernorm")
+        if any("shared_expert" in k for k in sd):
+            problems.append("shared experts: no supported HF architecture has them")
+    if bias and (qk or moe):
+        problems.append("--add-qkv-bias with " + ("--qk-layernorm" if qk else "MoE") + ": no supported HF "
+                        "architecture has both (Qwen2 has QKV biases, Qwen3 and Qwen3-MoE QK-norm)")
+    if moe and not qk and model["moe_router_pre_softmax"]:
+        problems.append("--moe-router-pre-softmax without --qk-layernorm: Mixtral renormalises its top-k weights")
     if problems:
         raise ConversionError("cannot convert this checkpoint faithfully:\n  - " + "\n  - ".join(problems))
+    if moe:
+        return "qwen3_moe" if qk else "mixtral"
+    return "qwen3" if qk else "qwen2" if bias else "llama"
 
 
 def megatron_to_hf(sd: Dict[str, torch.Tensor], model: dict, vocab_size: int) -> Dict[str, torch.Tensor]:
-    """Full Megatron state dict -> HF Llama/Mixtral state dict (transformers 5 names)."""
-    check_megatron_supported(sd, model)
+    """Full Megatron state dict -> HF state dict (transformers 5 names) of :func:`hf_model_type`'s architecture."""
+    from ..training.model_setup import normalized
+
+    model = normalized(model)
+    hf_model_type(model, sd)
     L, heads, groups = model["num_layers"], model["num_attention_heads"], model["num_query_groups"]
     experts = model.get("num_experts")
-    tied = not model.get("untie_embeddings_and_output_weights", False)
+    tied = not model["untie_embeddings_and_output_weights"]
     used = set()
 
     def take(k):
@@ -207,8 +225,13 @@ def megatron_to_hf(sd: Dict[str, torch.Tensor], model: dict, vocab_size: int) ->
     for i in range(L):
         p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
         hf[h + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
-        q, k, v = split_qkv(take(p + "self_attention.linear_qkv.weight"), heads, groups)
-        hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"], hf[h + "self_attn.v_proj.weight"] = q, k, v
+        for part in ("weight", "bias") if model["add_qkv_bias"] else ("weight",):
+            q, k, v = split_qkv(take(f"{p}self_attention.linear_qkv.{part}"), heads, groups)
+            for name, t in zip("qkv", (q, k, v)):
+                hf[f"{h}self_attn.{name}_proj.{part}"] = t
+        if model["qk_layernorm"]:
+            hf[h + "self_attn.q_norm.weight"] = take(p + "self_attention.q_layernorm.weight")
+            hf[h + "self_attn.k_norm.weight"] = take(p + "self_attention.k_layernorm.weight")
         hf[h + "self_attn.o_proj.weight"] = take(p + "self_attention.linear_proj.weight")
         hf[h + "post_attention_layernorm.weight"] = take(p + "pre_mlp_layernorm.weight")
         if experts:
@@ -231,7 +254,10 @@ def megatron_to_hf(sd: Dict[str, torch.Tensor], model: dict, vocab_size: int) ->
 
 
 def hf_to_megatron(hf: Dict[str, torch.Tensor], model: dict) -> Dict[str, torch.Tensor]:
-    """HF Llama/Mixtral state dict (transformers 5 names) -> full Megatron state dict, vocab padded."""
+    """HF state dict (transformers 5 names) -> full Megatron state dict, vocab padded."""
+    from ..training.model_setup import normalized
+
+    model = normalized(model)
     L, heads, groups = model["num_layers"], model["num_attention_heads"], model["num_query_groups"]
     experts = model.get("num_experts")
     tied = not model.get("untie_embeddings_and_output_weights", False)
@@ -253,9 +279,12 @@ def hf_to_megatron(hf: Dict[str, torch.Tensor], model: dict) -> Dict[str, torch.
     for i in range(L):
         p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = take(h + "input_layernorm.weight")
-        sd[p + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            take(h + "self_attn.q_proj.weight"), take(h + "self_attn.k_proj.weight"),
-            take(h + "self_attn.v_proj.weight"), heads, groups)
+        for part in ("weight", "bias") if model["add_qkv_bias"] else ("weight",):
+            sd[f"{p}self_attention.linear_qkv.{part}"] = fuse_qkv(
+                *(take(f"{h}self_attn.{name}_proj.{part}") for name in "qkv"), heads, groups)
+        if model["qk_layernorm"]:
+            sd[p + "self_attention.q_layernorm.weight"] = take(h + "self_attn.q_norm.weight")
+            sd[p + "self_attention.k_layernorm.weight"] = take(h + "self_attn.k_norm.weight")
         sd[p + "self_attention.linear_proj.weight"] = take(h + "self_attn.o_proj.weight")
         sd[p + "pre_mlp_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
         if experts:

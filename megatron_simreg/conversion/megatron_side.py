@@ -11,9 +11,6 @@ import torch
 from ..training import checkpoint as ckpt
 from .layout import ConversionError, merge_tp, normalize_megatron_names
 
-DEFAULT_ROTARY_BASE = 10000.0
-DEFAULT_EPS = 1e-5
-
 
 def _deepspeed_model(directory: str, model: dict) -> Dict[str, torch.Tensor]:
     """DeepSpeed's ``mp_rank_XX_model_states.pt`` (one per TP rank; ZeRO 1/2 keep whole weights there), merged."""
@@ -113,33 +110,17 @@ class SingleProcessMegatron:
 def build_megatron_model(model: dict, state: Optional[Dict[str, torch.Tensor]] = None, dtype=torch.float32):
     """A TP=PP=1 GPTModel of ``model`` settings, with ``state`` (a full state dict) loaded when given
     (inside :class:`SingleProcessMegatron`)."""
-    import torch.nn.functional as F
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from ..megatron.model import GPTShape, layer_spec, transformer_config
+    from ..megatron.model import build_gpt, transformer_config
+    from ..training.model_setup import architecture
 
     model_parallel_cuda_manual_seed(0, force_reset_rng=True)
-    shape = GPTShape(num_layers=model["num_layers"], hidden_size=model["hidden_size"],
-                     ffn_hidden_size=model["ffn_hidden_size"], num_attention_heads=model["num_attention_heads"],
-                     num_query_groups=model["num_query_groups"], vocab_size=model["padded_vocab_size"],
-                     seq_length=model.get("max_position_embeddings") or model["seq_length"],
-                     num_experts=model.get("num_experts"),
-                     moe_router_topk=model.get("moe_router_topk", 2),
-                     untie_embeddings=model.get("untie_embeddings_and_output_weights", False))
-    extra = {}
-    if model.get("num_experts"):
-        extra = dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
-    swiglu = model.get("swiglu", True)
-    config = transformer_config(shape, dtype=dtype, normalization=model.get("normalization", "RMSNorm"),
-                                gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
-                                layernorm_epsilon=model.get("norm_epsilon", model.get("layernorm_epsilon", DEFAULT_EPS)),
-                                **extra)
-    gpt = GPTModel(config=config, transformer_layer_spec=layer_spec(config), vocab_size=shape.vocab_size,
-                   max_sequence_length=shape.seq_length, pre_process=True, post_process=True,
-                   share_embeddings_and_output_weights=not shape.untie_embeddings,
-                   position_embedding_type=model.get("position_embedding_type", "rope"),
-                   rotary_base=model.get("rotary_base", DEFAULT_ROTARY_BASE))
+    shape, overrides, position_embedding_type = architecture(model)
+    if shape.num_experts:
+        overrides.update(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+    gpt = build_gpt(shape, transformer_config(shape, dtype=dtype, **overrides),
+                    position_embedding_type=position_embedding_type)
     gpt.eval()
     if state is None:
         return gpt

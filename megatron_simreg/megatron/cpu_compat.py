@@ -411,7 +411,9 @@ def get_cpu_gpt_block_spec(config, layer_spec=None, vp_stage=None, pp_rank=None)
 
     if layer_spec is None:
         layer_spec = get_cpu_gpt_layer_spec(
-            num_experts=config.num_moe_experts, normalization=config.normalization
+            num_experts=config.num_moe_experts,
+            normalization=config.normalization,
+            qk_layernorm=config.qk_layernorm,
         )
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=CPUTorchNorm)

@@ -31,6 +31,12 @@ class GPTShape:
     moe_router_topk: int = 2
     untie_embeddings: bool = False
     rotary_base: float = 10000.0
+    kv_channels: Optional[int] = None  # head dim; default hidden / heads (Qwen3 differs)
+    add_qkv_bias: bool = False  # Qwen2
+    qk_layernorm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    moe_ffn_hidden_size: Optional[int] = None  # each expert's; default ffn_hidden_size
+    moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k (no renormalisation)
+    rope_scaling_factor: Optional[float] = None  # Llama 3.x RoPE scaling; None: plain RoPE
 
 
 def _has_apex_wgrad_fusion() -> bool:
@@ -67,6 +73,9 @@ def transformer_config(shape: GPTShape, *, tp=1, pp=1, cp=1, sp=False, dtype=tor
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
         sequence_parallel=sp,
+        kv_channels=shape.kv_channels,
+        add_qkv_bias=shape.add_qkv_bias,
+        qk_layernorm=shape.qk_layernorm,
     )
     if not on_gpu:  # these fusions are CUDA kernels
         kwargs.update(bias_dropout_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
@@ -75,7 +84,8 @@ def transformer_config(shape: GPTShape, *, tp=1, pp=1, cp=1, sp=False, dtype=tor
         kwargs.update(gradient_accumulation_fusion=False)
     if shape.num_experts:
         kwargs.update(num_moe_experts=shape.num_experts, moe_router_topk=shape.moe_router_topk,
-                      moe_token_dispatcher_type="allgather", moe_grouped_gemm=False)
+                      moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+                      moe_ffn_hidden_size=shape.moe_ffn_hidden_size, moe_router_pre_softmax=shape.moe_router_pre_softmax)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -89,7 +99,8 @@ def layer_spec(config):
     from .cpu_compat import get_cpu_gpt_block_spec, get_cpu_gpt_layer_spec
 
     if not torch.cuda.is_available():
-        return get_cpu_gpt_layer_spec(num_experts=config.num_moe_experts, normalization=config.normalization)
+        return get_cpu_gpt_layer_spec(num_experts=config.num_moe_experts, normalization=config.normalization,
+                                      qk_layernorm=config.qk_layernorm)
     try:
         import transformer_engine  # noqa: F401
     except ImportError:  # the block spec also carries the final norm, which Megatron would make a WrappedTorchNorm
@@ -98,7 +109,8 @@ def layer_spec(config):
         return get_cpu_gpt_block_spec(config)
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts)
+    return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts,
+                                                            qk_layernorm=config.qk_layernorm)
 
 
 def build_gpt(shape: GPTShape, config, position_embedding_type: str = "rope"):
@@ -116,5 +128,7 @@ def build_gpt(shape: GPTShape, config, position_embedding_type: str = "rope"):
         share_embeddings_and_output_weights=not shape.untie_embeddings,
         position_embedding_type=position_embedding_type,
         rotary_base=shape.rotary_base,
+        rope_scaling=shape.rope_scaling_factor is not None,
+        rope_scaling_factor=shape.rope_scaling_factor or 8.0,
     )
     return model.cuda() if torch.cuda.is_available() else model

@@ -39,6 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--position-embedding-type", default="rope", choices=["rope", "learned_absolute"])
     g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (HF's rope_theta)")
     g.add_argument("--norm-epsilon", type=float, default=1e-5, help="RMSNorm/LayerNorm epsilon (HF's rms_norm_eps)")
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.x's RoPE scaling (HF rope_type 'llama3', low/high freq factors 1/4, original "
+                        "context 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="with --use-rope-scaling (HF's factor)")
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="the head dimension (HF's head_dim); default --hidden-size / --num-attention-heads")
+    g.add_argument("--add-qkv-bias", action="store_true", help="biases on the q/k/v projections only (Qwen2)")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="normalize each head's queries and keys before RoPE (Qwen3's q_norm/k_norm)")
     g.add_argument("--init-method-std", type=float, default=0.02,
                    help="std of the initial weights (HF's initializer_range); no effect when weights are loaded")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
@@ -79,6 +88,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MoE")
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
+                   help="each expert's hidden size (HF's moe_intermediate_size); default --ffn-hidden-size")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="softmax over all experts before the top-k, weights not renormalized (Qwen3-MoE's "
+                        "norm_topk_prob=false); default: softmax over the top-k (Mixtral)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -173,7 +187,7 @@ def use_checkpoint_args(args: argparse.Namespace, log=None) -> None:
     """Megatron-LM's ``--use-checkpoint-args``: set the model flags from the ``meta.json`` of the checkpoint
     ``--load`` (``--ckpt-step``) resumes from, overriding the command line, and say which."""
     from . import checkpoint as ckpt
-    from .model_setup import MODEL_KEYS, flag, normalized
+    from .model_setup import BOOL_KEYS, MODEL_KEYS, flag, implied_values, normalized
 
     if not args.load:
         raise ValueError("--use-checkpoint-args needs --load DIR (the checkpoint whose model flags to use)")
@@ -191,17 +205,19 @@ def use_checkpoint_args(args: argparse.Namespace, log=None) -> None:
     divisible = (meta.get("args") or {}).get("make_vocab_size_divisible_by")
     if divisible:
         values["make_vocab_size_divisible_by"] = divisible
+    implied = {**implied_values(model), "max_position_embeddings": args.seq_length}
     changed = [f"{flag(k, getattr(args, k, None))} -> {flag(k, v)}" for k, v in values.items()
-               if getattr(args, k, None) != v and not (k == "max_position_embeddings"
-                                                       and getattr(args, k) is None and v == args.seq_length)]
+               if getattr(args, k, None) != v and not (getattr(args, k, None) is None and v == implied.get(k))]
     for k, v in values.items():
         setattr(args, k, v)
+    args.padded_vocab_size = model.get("padded_vocab_size")  # as Megatron-LM: the embedding keeps its rows
     if log is None:
         launcher = args.nproc_per_node and args.nproc_per_node > 1 and "RANK" not in os.environ
         log = print if os.environ.get("RANK", "0") == "0" and not launcher else (lambda *a, **k: None)
     log(f"--use-checkpoint-args: model flags from {ckpt.iteration_dir(args.load, iteration)}/meta.json: "
-        + " ".join(flag(k, v) for k, v in values.items() if not (k in ("swiglu", "untie_embeddings_and_output_weights")
-                                                                 and not v) and v is not None)
+        + " ".join(flag(k, v) for k, v in values.items()
+                   if not (k in BOOL_KEYS and not v) and v is not None and v != implied.get(k))
+        + f"; {args.padded_vocab_size} vocabulary rows"
         + (f" (overriding {'; '.join(changed)})" if changed else ""), flush=True)
 
 
@@ -219,8 +235,17 @@ def validate(a: argparse.Namespace) -> None:
     for name in ("rotary_base", "norm_epsilon", "init_method_std"):
         if not getattr(a, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
-    if a.hidden_size % a.num_attention_heads:
-        raise ValueError(f"--hidden-size {a.hidden_size} must be divisible by --num-attention-heads {a.num_attention_heads}")
+    if a.kv_channels is None and a.hidden_size % a.num_attention_heads:
+        raise ValueError(f"--hidden-size {a.hidden_size} must be divisible by --num-attention-heads "
+                         f"{a.num_attention_heads}, or pass the head dimension as --kv-channels")
+    for name in ("kv_channels", "moe_ffn_hidden_size"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not a.num_experts and (a.moe_ffn_hidden_size or a.moe_router_pre_softmax):
+        raise ValueError("--moe-ffn-hidden-size and --moe-router-pre-softmax need --num-experts")
+    if a.use_rope_scaling and (a.position_embedding_type != "rope" or not (a.rope_scaling_factor or 0) > 0):
+        raise ValueError(f"--use-rope-scaling needs --position-embedding-type rope and --rope-scaling-factor > 0 "
+                         f"(got {a.position_embedding_type}, {a.rope_scaling_factor})")
     groups = a.num_query_groups or a.num_attention_heads
     if a.num_attention_heads % groups:
         raise ValueError(f"--num-attention-heads {a.num_attention_heads} must be divisible by --num-query-groups {groups}")

@@ -301,7 +301,7 @@ class DeepSpeedBackend:
             "steps_per_print": 10**9,
         }
         if ps.get_tensor_model_parallel_world_size() > 1:
-            self._reduce_sequence_parallel_grads(model)
+            self._reduce_tp_summed_grads(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=base, config=ds_config, mpu=_MegatronMpu())
         self.base_optimizer = base
         self.scheduler = _scheduler(base, args)
@@ -309,13 +309,16 @@ class DeepSpeedBackend:
         base.param_groups[1]["wd_mult"] = 0.0
 
     @staticmethod
-    def _reduce_sequence_parallel_grads(model):
-        """Megatron's finalize_model_grads all-reduces SP-flagged grads across TP; DeepSpeed does not."""
+    def _reduce_tp_summed_grads(model):
+        """Sum over TP the grads finalize_model_grads sums and DeepSpeed does not: SP-flagged params, and the
+        QK-norm weights (each TP rank normalizes its own heads with them), by finalize_model_grads' own rule."""
         from megatron.core import parallel_state as ps
 
         group = ps.get_tensor_model_parallel_group()
-        for p in model.parameters():
-            if getattr(p, "sequence_parallel", False):
+        qk_layernorm = model.config.qk_layernorm
+        for name, p in model.named_parameters():
+            if getattr(p, "sequence_parallel", False) or (
+                    qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name)):
                 def hook(grad, group=group):
                     grad = grad.clone()
                     dist.all_reduce(grad, group=group)

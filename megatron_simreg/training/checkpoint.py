@@ -424,7 +424,7 @@ def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str,
     sequence length and the init std may change."""
     from .model_setup import FREE_KEYS, MODEL_KEYS, flag, normalized
 
-    saved = normalized(saved)
+    saved, current = normalized(saved), normalized(current)
     keys = sorted(k for k in set(saved) | set(current)
                   if k not in FREE_KEYS and not (reshardable and k in LAYOUT_KEYS))
     differing = [k for k in keys if saved.get(k) != current.get(k)]
@@ -441,7 +441,7 @@ def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str,
         elif k in saved:
             fixes.append(flag(k, saved[k]))
     hint = "use " + "; ".join(fixes)
-    if any(k in MODEL_KEYS for k in differing):
+    if any(k in MODEL_KEYS or k == "padded_vocab_size" for k in differing):
         hint += "; or --use-checkpoint-args to take every model flag from the checkpoint"
     if not reshardable and any(k in LAYOUT_KEYS for k in differing):
         hint += ". This backend resumes only at the layout it saved; convert it (export-hf / import-hf) to re-shard"

@@ -118,6 +118,8 @@ def run(args) -> dict:
     if prior:
         ckpt.resume(args.load, start_iter, prior_meta, backend, settings, load_optim=not args.no_load_optim)
     meta = {**ckpt.run_meta(args, settings, tokenizer.model_path, tokenizer.tokenizer_type), "data": data}
+    if "hf_vocab_size" in prior_meta:  # an imported model's HF vocabulary: export-hf gives back all its rows
+        meta["hf_vocab_size"] = prior_meta["hf_vocab_size"]
     rank0 = dist.get_rank() == 0
     writer = MetricsWriter(args.save, args.tensorboard_dir, args.train_iters, start_iter, enabled=rank0)
     batches = Batches(train_ds, gbs, args.micro_batch_size)
