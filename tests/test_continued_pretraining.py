@@ -280,7 +280,12 @@ def test_train_validates_the_new_model_flags(capsys):
     for argv, msg in [(["--rotary-base", "0"], "--rotary-base"), (["--norm-epsilon", "-1"], "--norm-epsilon"),
                       (["--position-embedding-type", "learned_absolute", "--seq-length", "64",
                         "--max-position-embeddings", "32"], "--max-position-embeddings"),
-                      (["--use-checkpoint-args"], "--load")]:
+                      (["--use-checkpoint-args"], "--load"),
+                      (["--hidden-size", "30", "--num-attention-heads", "4"], "--kv-channels"),
+                      (["--kv-channels", "0"], "--kv-channels"),
+                      (["--moe-ffn-hidden-size", "16"], "--num-experts"),
+                      (["--moe-router-pre-softmax"], "--num-experts"),
+                      (["--use-rope-scaling", "--rope-scaling-factor", "0"], "--rope-scaling-factor")]:
         capsys.readouterr()
         with pytest.raises(SystemExit):
             parse_train_args(argv)

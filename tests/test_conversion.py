@@ -375,6 +375,12 @@ def _settings(**kw):
     (_settings(swiglu=False), {}, "SwiGLU"),
     (_settings(), {"decoder.layers.0.self_attention.linear_qkv.bias": torch.zeros(24)}, "biases"),
     (_settings(), {"decoder.layers.0.self_attention.q_layernorm.weight": torch.ones(4)}, "QK layer norm"),
+    (_settings(), {"decoder.layers.0.self_attention.linear_proj.bias": torch.zeros(8)}, "biases"),
+    (_settings(num_experts=2), {"decoder.layers.0.mlp.shared_experts.linear_fc1.weight": torch.zeros(4, 8)},
+     "shared experts"),
+    (_settings(add_qkv_bias=True, qk_layernorm=True), {}, "no supported HF architecture has both"),
+    (_settings(add_qkv_bias=True, num_experts=2), {}, "no supported HF architecture has both"),
+    (_settings(num_experts=2, moe_router_pre_softmax=True), {}, "Mixtral renormalises"),
 ])
 def test_export_refuses_unsupported_architectures(settings, extra, feature):
     with pytest.raises(ConversionError, match=feature):
@@ -412,6 +418,32 @@ def test_import_refuses_biases_and_rope_scaling(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "biases" in err and "rope scaling" in err
     assert not (tmp_path / "ck" / "latest_checkpointed_iteration.txt").exists()
+
+
+@pytest.mark.parametrize("kind,extra,feature", [
+    ("Qwen2Moe", {}, "shared experts"),
+    ("Qwen3Moe", {"mlp_only_layers": [0]}, "dense layers between the MoE layers"),
+    ("Qwen3", {"attention_bias": True}, "attention_bias=True"),
+    ("Qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding_window=16"),
+    ("Mistral", {"sliding_window": 16}, "sliding_window=16"),
+    ("Llama", {"rope_parameters": {**LLAMA3_ROPE, "original_max_position_embeddings": 4096}},
+     "original_max_position_embeddings"),
+    ("Llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "'yarn'"),
+    ("Gemma", {}, "model_type 'gemma' is not supported"),
+], ids=["qwen2_moe", "qwen3_moe-dense-layers", "qwen3-o-bias", "qwen2-window", "mistral-window", "llama3-context",
+        "yarn", "gemma"])
+def test_import_refuses_what_megatron_cannot_express_by_name(tmp_path, capsys, kind, extra, feature):
+    """Refused from config.json alone, before any weight is read: exit 2, the feature named, nothing written."""
+    import transformers
+
+    cfg = getattr(transformers, f"{kind}Config")(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                                 max_position_embeddings=64, **extra)
+    cfg.save_pretrained(tmp_path / "hf")
+    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")) == 2
+    err = capsys.readouterr().err
+    assert feature in err and "Traceback" not in err, err
+    assert not (tmp_path / "ck").exists()
 
 
 def test_missing_and_partial_checkpoints_give_clear_errors(tmp_path, capsys, trained):

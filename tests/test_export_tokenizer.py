@@ -37,7 +37,7 @@ def _run_checkpoint(tmp_path, tok_dir):
     """An import-hf checkpoint turned into a training run's: meta records the run's HF tokenizer."""
     _tiny_hf("llama", tmp_path / "hf")
     ck = tmp_path / "ck"
-    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(ck)) == 0
+    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(ck), "--make-vocab-size-divisible-by", "128") == 0
     meta_path = ck / "iter_0000000" / "meta.json"
     meta = json.load(open(meta_path))
     for key in ("imported_from", "hf_vocab_size"):
@@ -104,7 +104,8 @@ def test_export_refuses_to_drop_embedding_rows(tmp_path, capsys):
     assert "400 tokens but the model only 384 rows" in capsys.readouterr().err
     # an imported model (HF vocab_size 300) exported with a 350-token tokenizer: vocab_size would be too small
     _tokenizer(tmp_path / "mid", extra=350 - 290)
-    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "imp")) == 0
+    assert import_cmd("--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "imp"),
+                      "--make-vocab-size-divisible-by", "128") == 0
     assert export_cmd("--load", str(tmp_path / "imp"), "--out", str(tmp_path / "out"), "--tokenizer-model",
                       str(tmp_path / "mid")) == 2
     assert "vocab_size would be 300" in capsys.readouterr().err
