@@ -72,6 +72,30 @@ def test_preprocess_ids_are_autotokenizers_and_train_runs(hf, cache):
     assert meta["data"]["tokenizer_type"] == "HuggingFaceTokenizer" and meta["data"]["tokenizer_sha256"]
 
 
+def test_the_default_corpus_is_tokenized_with_a_given_hf_tokenizer(hf, tmp_path):
+    """Without --data-path, --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR tokenizes the default corpus
+    with that tokenizer (AutoTokenizer's ids, eos as EOD) instead of training a sentencepiece model."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    from megatron_simreg.data.default_corpus import prepare_default_corpus, stdlib_documents
+
+    cache = str(tmp_path / "cache")
+    save = str(tmp_path / "run")
+    train("--train-iters", "2", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf["tok"],
+          "--save", save, cache=cache)
+    meta = json.load(open(os.path.join(save, "iter_0000002", "meta.json")))
+    assert meta["tokenizer_type"] == "HuggingFaceTokenizer" and meta["model"]["padded_vocab_size"] < 4096  # not 4096
+    prefix, model = prepare_default_corpus(cache, tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf["tok"])
+    assert model == os.path.abspath(hf["tok"]) and not os.path.exists(os.path.join(os.path.dirname(prefix),
+                                                                                   "tokenizer.model"))
+    auto = AutoTokenizer.from_pretrained(hf["tok"], local_files_only=True)
+    first = stdlib_documents()[0][1]
+    want = auto(first, add_special_tokens=False)["input_ids"] + [auto.eos_token_id]
+    ds = IndexedDataset(prefix)  # kept alive: its samples are views of its memory map
+    assert ds[0].tolist() == want
+
+
 def test_resume_with_another_tokenizer_is_refused(hf, cache):
     """A tokenizer directory with other content (here its tokenizer_config.json) is another tokenizer: resuming
     is refused, naming --tokenizer-model."""

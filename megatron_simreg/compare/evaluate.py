@@ -25,16 +25,11 @@ def _settings(grid: Grid) -> dict:
 def validation_tokens(run: Run, n: int) -> torch.Tensor:
     """``[n, s]`` token ids: the first ``n`` samples of the validation split the trainer evaluates on."""
     from ..data.datasets import build_gpt_datasets
-    from ..data.default_corpus import prepare_default_corpus
-    from ..data.tokenizer import SENTENCEPIECE, build_tokenizer
+    from ..data.tokenizer import build_tokenizer
+    from ..training.data import resolve_data
 
     args = parse_train(run.train_argv, f"run {run.name}")
-    cache = args.data_cache_path or os.path.join(os.path.expanduser("~"), ".cache", "megatron_simreg")
-    if args.data_path:
-        data_path, tok_type, tok_model = args.data_path, args.tokenizer_type, args.tokenizer_model
-    else:
-        prefix, tok_model = prepare_default_corpus(cache)
-        data_path, tok_type = [prefix], SENTENCEPIECE
+    data_path, tok_type, tok_model, cache = resolve_data(args)
     _, valid, _ = build_gpt_datasets(data_path, args.split, args.seq_length, args.seed,
                                      build_tokenizer(tok_type, tok_model),
                                      (1, n, None), cache, is_built_on_rank=lambda: True)

@@ -9,7 +9,8 @@ line boundary to fit.
 :func:`prepare_default_corpus` builds, under ``cache_dir/<key>/``:
 
 - ``corpus.jsonl``: ``{"text": ..., "path": ...}`` per document;
-- ``tokenizer.model`` / ``.vocab``: SentencePiece (BPE, byte fallback) trained on the corpus;
+- ``tokenizer.model`` / ``.vocab``: SentencePiece (BPE, byte fallback) trained on the corpus, unless a
+  tokenizer is given (``--tokenizer-model``, e.g. an imported model's HF tokenizer), which then tokenizes it;
 - ``corpus_text_document.bin`` / ``.idx``: the Megatron indexed dataset, ``eod`` appended to each document.
 
 ``key`` hashes the file list with sizes and every setting, so a second call with the same inputs returns at
@@ -69,12 +70,16 @@ def stdlib_documents(max_bytes: Optional[int] = DEFAULT_MAX_BYTES, root: Optiona
     return docs
 
 
-def corpus_key(vocab_size: int, max_bytes: Optional[int], model_type: str, root: Optional[str] = None) -> str:
-    """The cache key: the stdlib file list with sizes plus every setting that changes the result."""
+def corpus_key(vocab_size: int, max_bytes: Optional[int], model_type: str, root: Optional[str] = None,
+               tokenizer: Optional[dict] = None) -> str:
+    """The cache key: the stdlib file list with sizes plus every setting that changes the result (``tokenizer``:
+    a given tokenizer's type and content hash)."""
     root_path = Path(root or sysconfig.get_paths()["stdlib"])
     h = hashlib.sha256()
-    h.update(json.dumps({"format": _FORMAT_VERSION, "vocab_size": vocab_size, "max_bytes": max_bytes,
-                         "model_type": model_type}, sort_keys=True).encode())
+    settings = {"format": _FORMAT_VERSION, "vocab_size": vocab_size, "max_bytes": max_bytes, "model_type": model_type}
+    if tokenizer:
+        settings = {"format": _FORMAT_VERSION, "max_bytes": max_bytes, "tokenizer": tokenizer}
+    h.update(json.dumps(settings, sort_keys=True).encode())
     for path in stdlib_files(str(root_path)):
         h.update(f"{path.relative_to(root_path).as_posix()}\0{path.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
@@ -86,18 +91,26 @@ def prepare_default_corpus(
     max_bytes: Optional[int] = DEFAULT_MAX_BYTES,
     model_type: str = "bpe",
     workers: int = 1,
+    tokenizer_type: Optional[str] = None,
+    tokenizer_model: Optional[str] = None,
 ) -> Tuple[str, str]:
     """Build (or reuse) the default corpus; returns ``(data_prefix, tokenizer_model_path)``.
+
+    With ``tokenizer_model`` (of ``tokenizer_type``) the corpus is tokenized with it and no tokenizer is trained.
 
     ``data_prefix`` is the indexed dataset prefix for :func:`~megatron_simreg.data.datasets.build_gpt_datasets`.
     Under ``torch.distributed``, call it on one rank (or on all: concurrent builds are safe, only one wins)
     and barrier before the others read the result.
     """
     from .preprocess import preprocess_jsonl
-    from .tokenizer import train_sentencepiece
+    from .tokenizer import SENTENCEPIECE, tokenizer_sha256, train_sentencepiece
 
-    final = os.path.join(cache_dir, corpus_key(vocab_size, max_bytes, model_type))
-    prefix, model = os.path.join(final, "corpus_text_document"), os.path.join(final, "tokenizer.model")
+    given = None
+    if tokenizer_model:
+        given = {"type": tokenizer_type or SENTENCEPIECE, "sha256": tokenizer_sha256(tokenizer_model)}
+    final = os.path.join(cache_dir, corpus_key(vocab_size, max_bytes, model_type, tokenizer=given))
+    prefix = os.path.join(final, "corpus_text_document")
+    model = os.path.abspath(tokenizer_model) if given else os.path.join(final, "tokenizer.model")
     if os.path.isfile(os.path.join(final, "DONE")):
         return prefix, model
 
@@ -111,12 +124,17 @@ def prepare_default_corpus(
         with open(jsonl, "w", encoding="utf-8") as f:
             for rel, text in docs:
                 f.write(json.dumps({"text": text, "path": rel}) + "\n")
-        train_sentencepiece([jsonl], os.path.join(tmp, "tokenizer"), vocab_size, model_type=model_type)
-        preprocess_jsonl(jsonl, os.path.join(tmp, "corpus"), os.path.join(tmp, "tokenizer.model"),
-                         append_eod=True, workers=workers)
+        if given:
+            preprocess_jsonl(jsonl, os.path.join(tmp, "corpus"), model, append_eod=True, workers=workers,
+                             tokenizer_type=given["type"])
+        else:
+            train_sentencepiece([jsonl], os.path.join(tmp, "tokenizer"), vocab_size, model_type=model_type)
+            preprocess_jsonl(jsonl, os.path.join(tmp, "corpus"), os.path.join(tmp, "tokenizer.model"),
+                             append_eod=True, workers=workers)
         with open(os.path.join(tmp, "DONE"), "w") as f:
             json.dump({"documents": len(docs), "bytes": sum(len(t.encode()) for _, t in docs),
-                       "vocab_size": vocab_size, "max_bytes": max_bytes, "model_type": model_type}, f)
+                       "vocab_size": vocab_size, "max_bytes": max_bytes, "model_type": model_type,
+                       "tokenizer": given}, f)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -102,8 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Megatron-LM's names: a sentencepiece .model, or a local Hugging Face tokenizer directory "
                         "(tokenizer.json; never downloaded)")
     g.add_argument("--tokenizer-model", default=None,
-                   help="the tokenizer the data was made with (required with --data-path): a sentencepiece .model "
-                        "file, or with --tokenizer-type HuggingFaceTokenizer a directory holding tokenizer.json")
+                   help="the tokenizer the data was made with (required with --data-path; without it the default "
+                        "corpus is tokenized with this one): a sentencepiece .model file, or with --tokenizer-type "
+                        "HuggingFaceTokenizer a directory holding tokenizer.json")
     g.add_argument("--data-cache-path", default=None)
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
@@ -286,10 +287,10 @@ def validate(a: argparse.Namespace) -> None:
         raise ValueError("--use-distributed-optimizer is the Megatron backend's; with --deepspeed use --zero-stage")
     if a.data_path and not a.tokenizer_model:
         raise ValueError("--data-path needs --tokenizer-model (the tokenizer the data was tokenized with)")
-    if a.tokenizer_type != SENTENCEPIECE and not a.data_path:
-        raise ValueError(f"--tokenizer-type {a.tokenizer_type} needs --data-path and --tokenizer-model: the default "
-                         f"corpus is tokenized with its own sentencepiece model")
-    if a.data_path and a.tokenizer_model:
+    if a.tokenizer_type != SENTENCEPIECE and not a.tokenizer_model:
+        raise ValueError(f"--tokenizer-type {a.tokenizer_type} needs --tokenizer-model (a local directory with "
+                         "tokenizer.json); without --data-path the default corpus is tokenized with it")
+    if a.tokenizer_model:
         from ..data.tokenizer import check_tokenizer_path
 
         check_tokenizer_path(a.tokenizer_type, a.tokenizer_model)

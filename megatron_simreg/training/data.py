@@ -61,27 +61,38 @@ class Batches:
         return out
 
 
-def build_datasets(args, gbs: int, train_samples: int):
-    """``(train, valid or None, tokenizer)`` for ``--data-path`` or the default corpus; a collective.
-
-    With ``--data-path`` the tokenizer is ``--tokenizer-type``/``--tokenizer-model``'s, and every dataset's largest
-    token id is checked against its vocabulary first (``ValueError`` naming the prefix). The default corpus is
-    tokenized with its own sentencepiece model.
-
-    ``train_samples``: the last sample index the run will read, plus one."""
-    from ..data.datasets import build_gpt_datasets, check_token_range
+def resolve_data(args, first=lambda fn: fn()):
+    """``(data_path, tokenizer_type, tokenizer_model, cache)`` of a run's flags: ``--data-path`` with its
+    tokenizer, or the default corpus (built under ``--data-cache-path`` by ``first(fn)``), tokenized with
+    ``--tokenizer-type``/``--tokenizer-model`` when given, else with its own sentencepiece model."""
     from ..data.default_corpus import prepare_default_corpus
-    from ..data.tokenizer import SENTENCEPIECE, build_tokenizer
+    from ..data.tokenizer import SENTENCEPIECE
 
     cache = args.data_cache_path or os.path.join(os.path.expanduser("~"), ".cache", "megatron_simreg")
     if args.data_path:
-        data_path, tok_type, tok_model = args.data_path, args.tokenizer_type, args.tokenizer_model
-        tokenizer = build_tokenizer(tok_type, tok_model)
+        return args.data_path, args.tokenizer_type, args.tokenizer_model, cache
+    if args.tokenizer_model:
+        prefix, model = first(lambda: prepare_default_corpus(cache, tokenizer_type=args.tokenizer_type,
+                                                             tokenizer_model=args.tokenizer_model))
+        return [prefix], args.tokenizer_type, model, cache
+    prefix, model = first(lambda: prepare_default_corpus(cache))
+    return [prefix], SENTENCEPIECE, model, cache
+
+
+def build_datasets(args, gbs: int, train_samples: int):
+    """``(train, valid or None, tokenizer)`` for :func:`resolve_data`'s data; a collective.
+
+    With ``--data-path`` every dataset's largest token id is first checked against the tokenizer's vocabulary
+    (``ValueError`` naming the prefix).
+
+    ``train_samples``: the last sample index the run will read, plus one."""
+    from ..data.datasets import build_gpt_datasets, check_token_range
+    from ..data.tokenizer import build_tokenizer
+
+    data_path, tok_type, tok_model, cache = resolve_data(args, _on_rank0_first)
+    tokenizer = build_tokenizer(tok_type, tok_model)
+    if args.data_path:
         check_token_range(data_path, tokenizer, tok_type)  # data from another tokenizer: refused before training
-    else:
-        prefix, tok_model = _on_rank0_first(lambda: prepare_default_corpus(cache))
-        data_path = [prefix]
-        tokenizer = build_tokenizer(SENTENCEPIECE, tok_model)
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
     num_samples = (train_samples, max(1, evals) * args.eval_iters * gbs, None)
     # collective: Megatron's builder lets rank 0 build the index caches first
