@@ -22,6 +22,7 @@ setup(
         "torch>=2.4",
         "numpy",
         "pyyaml",
+        "datasketch",  # MinHash near-duplicate removal in the default corpus
     ],
     extras_require={
         # megatron-core 0.17+ needs Python >= 3.12; 0.16.1 is the floor.

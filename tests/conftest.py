@@ -3,7 +3,7 @@
 import pytest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    """A data cache per test module: the default corpus and tokenizer are prepared once into it."""
+    """One data cache for the session: the default corpus and tokenizer are prepared once into it (~9 s)."""
     return str(tmp_path_factory.mktemp("data_cache"))

@@ -204,11 +204,60 @@ def test_default_corpus_cache_hit_and_miss(tmp_path, monkeypatch):
         [os.path.basename(os.path.dirname(prefix)), os.path.basename(os.path.dirname(other_prefix))])
 
 
-def test_default_corpus_documents_are_stdlib_files_capped():
+def test_default_corpus_documents_are_stdlib_files_capped_in_hash_order():
     docs = stdlib_documents(max_bytes=100_000)
-    assert sum(len(t.encode()) for _, t in docs) <= 100_000
-    assert [p for p, _ in docs] == sorted(p for p, _ in docs) and all(p.endswith(".py") for p, _ in docs)
+    assert sum(len(t.encode()) for _, t in docs) <= 100_000 and all(p.endswith(".py") for p, _ in docs)
+    names = [p for p, _ in docs]
+    assert names == sorted(names, key=default_corpus.hash_order) and names != sorted(names)
     assert docs == stdlib_documents(max_bytes=100_000)
+
+
+def test_default_corpus_has_no_generated_tables_and_its_validation_split_is_spread_over_the_tree():
+    """Issue 17: the old corpus (path order, 4 MB) gave a validation split of seven encodings/cp86x.py tables."""
+    from megatron_simreg.data.contamination import split_document_ranges
+
+    stats = {}
+    docs = stdlib_documents(stats=stats)
+    names = [p for p, _ in docs]
+    assert not any(p.startswith(("encodings/", "pydoc_data/")) or "/test/" in f"/{p}" for p in names)
+    assert stats["near_duplicates"] >= 1 and stats["documents"] == len(docs) >= 300
+    begin, end = split_document_ranges(len(docs), "969,30,1")[1]
+    folders = {p.split("/")[0] if "/" in p else "<top>" for p in names[begin:end]}
+    assert end - begin >= 10 and len(folders) >= 3, names[begin:end]
+
+
+def test_near_duplicates_are_found_and_distinct_documents_kept():
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(2000)]
+    base = [" ".join(rng.choice(words) for _ in range(400)) for _ in range(6)]
+    planted = base[2].split()
+    planted[100:103] = ["changed", "three", "words"]  # a near-copy: a few words edited
+    docs = [(f"d{i}.py", t) for i, t in enumerate(base)] + [("copy.py", " ".join(planted))]
+    assert default_corpus.near_duplicates(docs) == [("copy.py", "d2.py")]
+
+
+def test_contamination_flags_a_planted_leak(tmp_path):
+    """Held-out documents that copy training ones share nearly all their 13-grams with training; fresh random
+    documents share almost none."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_simreg.data.contamination import WARN_SHARE, contamination, describe
+
+    rng = numpy.random.default_rng(0)
+    train = [rng.integers(0, 500, 300) for _ in range(90)]
+    for name, held in (("clean", [rng.integers(0, 500, 300) for _ in range(10)]),
+                       ("leak", [train[i].copy() for i in range(10)])):
+        builder = IndexedDatasetBuilder(str(tmp_path / f"{name}.bin"), dtype=numpy.uint16)
+        for doc in train + held:
+            builder.add_document(torch.as_tensor(doc.astype(numpy.int64)), [len(doc)])
+        builder.finalize(str(tmp_path / f"{name}.idx"))
+        result = contamination([str(tmp_path / name)], "90,10,0")
+        assert result["valid"]["documents"] == 10 and result["test"]["shared"] is None
+        share = result["valid"]["shared"]
+        assert (share > 0.99) if name == "leak" else (share < 0.01), (name, share)
+        assert ("above" in describe(result)) == (name == "leak") and share != WARN_SHARE
 
 
 def test_interrupted_default_corpus_build_leaves_no_cache(tmp_path, monkeypatch):
@@ -336,8 +385,8 @@ def test_max_token_id_reads_small_data_whole_and_samples_large_data(tmp_path):
     from megatron_simreg.data.datasets import max_token_id
 
     prefix = str(tmp_path / "d")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    rng = numpy.random.default_rng(0)
     for _ in range(50):
         doc = rng.integers(0, 1000, 2000)
         doc[rng.integers(0, 2000, 20)] = 50000 + rng.integers(0, 100, 20)  # "a bigger tokenizer's" ids, everywhere

@@ -94,9 +94,10 @@ def main(args) -> int:
     missing = [r.name for r in grid.runs if r.name not in evals]
     runs = summary.per_run(grid, evals)
     agg = summary.summarize(grid, runs)
-    report.write_results(args.out, grid, runs, agg, missing)
+    leak = evaluate.data_contamination(grid)
+    report.write_results(args.out, grid, runs, agg, missing, contamination=leak)
     report.write_plots(args.out, agg)
-    path = report.write_report(args.out, grid, agg, missing)
+    path = report.write_report(args.out, grid, agg, missing, contamination=leak)
     print(open(path).read().split("## Convergence", 1)[1].split("![", 1)[0].strip())
     print(f"\nreport:  {path}\nresults: {os.path.join(args.out, 'results.json')}")
     if missing:

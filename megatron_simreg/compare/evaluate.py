@@ -39,6 +39,20 @@ def validation_tokens(run: Run, n: int) -> torch.Tensor:
     return torch.stack([torch.as_tensor(valid[i]["tokens"]) for i in range(n)]).long()
 
 
+def data_contamination(grid: Grid) -> Optional[dict]:
+    """The grid's held-out splits' n-gram overlap with its training split (every run shares the data), or
+    ``None`` for an empty grid."""
+    from ..data.contamination import contamination
+    from ..data.datasets import parse_blend
+    from ..training.data import resolve_data
+
+    if not grid.runs:
+        return None
+    args = parse_train(grid.runs[0].train_argv, f"run {grid.runs[0].name}")
+    data_path = resolve_data(args)[0]
+    return contamination(parse_blend(data_path)[0], args.split)
+
+
 def evaluate_run(grid: Grid, out: str, run: Run, device: str = "cpu", log=print) -> Optional[Dict]:
     """``eval.json``'s content for a finished run (computed once); ``None`` while the run is unfinished."""
     st, iteration = state(out, run)

@@ -27,21 +27,23 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
             + "|", *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
-def write_results(out: str, grid: Grid, runs: Dict[str, dict], summary: dict, missing: List[str]) -> str:
+def write_results(out: str, grid: Grid, runs: Dict[str, dict], summary: dict, missing: List[str],
+                  contamination: Optional[dict] = None) -> str:
     path = os.path.join(out, "results.json")
     data = {"grid": grid.path, "seeds": grid.seeds, "models": list(grid.models), "methods": list(grid.methods),
-            "unfinished_runs": missing, "runs": runs, "summary": summary}
+            "unfinished_runs": missing, "contamination": contamination, "runs": runs, "summary": summary}
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
     os.replace(path + ".tmp", path)
     return path
 
 
-def write_report(out: str, grid: Grid, summary: dict, missing: List[str]) -> str:
+def write_report(out: str, grid: Grid, summary: dict, missing: List[str], contamination: Optional[dict] = None) -> str:
     lines = ["# Comparison report", "", f"Grid: `{grid.path}`; seeds {grid.seeds}; "
              f"{len(grid.runs) - len(missing)} of {len(grid.runs)} runs finished.", ""]
     if missing:
         lines += [f"**Unfinished runs, left out below:** {', '.join(missing)}.", ""]
+    lines += _contamination_lines(contamination)
     lines += ["## Convergence", ""]
     rows = []
     for model, methods in summary.items():
@@ -93,6 +95,19 @@ def write_report(out: str, grid: Grid, summary: dict, missing: List[str]) -> str
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def _contamination_lines(result: Optional[dict]) -> List[str]:
+    """The held-out splits' n-gram overlap with training, and a warning above the documented threshold."""
+    from ..data.contamination import WARN_SHARE, describe
+
+    if not result:
+        return []
+    lines = [describe(result).replace("contamination", "Contamination", 1) + ".", ""]
+    if any((r["shared"] or 0) > WARN_SHARE for r in result.values()):
+        lines = [f"**Warning: the validation data repeats the training data** (share above {WARN_SHARE}); the "
+                 "validation loss partly measures memorisation.", ""] + lines
+    return lines
 
 
 def write_plots(out: str, summary: dict) -> List[str]:

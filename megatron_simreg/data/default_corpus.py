@@ -1,21 +1,30 @@
 """The default pretraining corpus: this Python's standard library source, tokenized and indexed, no download.
 
-Documents are the stdlib's ``.py`` files (``sysconfig.get_paths()["stdlib"]``, recursively, without
-``site-packages``/``dist-packages`` and the ``test``/``tests`` folders, whose fixtures include deliberately
-broken encodings), sorted by relative path, one file = one document, read as UTF-8 (files that are not
-UTF-8 are skipped). ``max_bytes`` caps the total: files are taken in order and the last one is cut at a
-line boundary to fit.
+A fair sample, so that its validation split measures what training learns (issue 17: the old corpus was sorted
+by path, so Megatron's contiguous split made the validation set seven ``encodings/cp86x.py`` tables):
+
+- Documents are the stdlib's ``.py`` files (``sysconfig.get_paths()["stdlib"]``, recursively), one file = one
+  document, read as UTF-8 (other files skipped). Left out: ``site-packages``/``dist-packages``; test folders
+  (``test``, ``tests``, ``idle_test``: their fixtures include deliberately broken encodings); and generated
+  files: ``encodings/`` (character-mapping tables) and ``pydoc_data/`` (one generated string table).
+- Near-duplicates are dropped: MinHash (``datasketch``, the maintained reference implementation, 128
+  permutations) over word 5-gram shingles with LSH at Jaccard :data:`DEDUP_THRESHOLD`; of a group, the
+  file first in path order stays. :func:`stdlib_documents` returns how many were dropped.
+- The rest is ordered by a deterministic hash (SHA-256 of the relative path), not by path, so that Megatron's
+  contiguous ``--split`` gives validation and test sets of random documents from across the tree.
+- ``max_bytes`` caps the total: documents are taken in hash order and the last one is cut at a line boundary.
 
 :func:`prepare_default_corpus` builds, under ``cache_dir/<key>/``:
 
-- ``corpus.jsonl``: ``{"text": ..., "path": ...}`` per document;
+- ``corpus.jsonl``: ``{"text": ..., "path": ...}`` per document, in training order;
 - ``tokenizer.model`` / ``.vocab``: SentencePiece (BPE, byte fallback) trained on the corpus, unless a
   tokenizer is given (``--tokenizer-model``, e.g. an imported model's HF tokenizer), which then tokenizes it;
-- ``corpus_text_document.bin`` / ``.idx``: the Megatron indexed dataset, ``eod`` appended to each document.
+- ``corpus_text_document.bin`` / ``.idx``: the Megatron indexed dataset, ``eod`` appended to each document;
+- ``DONE``: what was built, with the preparation time.
 
 ``key`` hashes the file list with sizes and every setting, so a second call with the same inputs returns at
-once and any change (another Python, another cap or vocabulary) builds a new entry. A build happens in a
-temporary sibling folder renamed to ``<key>`` when complete: an interrupted build leaves no entry that
+once and any change (another Python, another cap or vocabulary, a new recipe) builds a new entry. A build happens
+in a temporary sibling folder renamed to ``<key>`` when complete: an interrupted build leaves no entry that
 looks finished, and of two concurrent builds one rename wins and the other is discarded.
 """
 
@@ -27,47 +36,89 @@ import os
 import shutil
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-DEFAULT_MAX_BYTES = 4_000_000  # ~1.3 M tokens at vocab 4096; the whole prepare takes ~3 s on 2 cores
+DEFAULT_MAX_BYTES = 6_000_000  # of ~9.5 MB left after the filters (CPython 3.11); see DONE for the time
 DEFAULT_VOCAB_SIZE = 4096
-_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
-_FORMAT_VERSION = 1  # bump when the layout or the recipe changes, to invalidate old cache entries
+DEDUP_THRESHOLD = 0.7  # MinHash-estimated Jaccard similarity of word 5-gram sets above which a file is a duplicate
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_GENERATED_DIRS = {"encodings", "pydoc_data"}  # top-level folders of generated tables
+_FORMAT_VERSION = 2  # bump when the layout or the recipe changes, to invalidate old cache entries
 
 
 def stdlib_files(root: Optional[str] = None) -> List[Path]:
-    """The stdlib's ``.py`` files, sorted by path relative to ``root`` (default: this Python's stdlib)."""
+    """The stdlib's ``.py`` files but the excluded and generated folders, sorted by path relative to ``root``
+    (default: this Python's stdlib)."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py")
-             if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]) and p.is_file()]
+    files = []
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root).parts
+        if _EXCLUDED_DIRS.intersection(parts[:-1]) or (len(parts) > 1 and parts[0] in _GENERATED_DIRS):
+            continue
+        if p.is_file():
+            files.append(p)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def stdlib_documents(max_bytes: Optional[int] = DEFAULT_MAX_BYTES, root: Optional[str] = None
-                     ) -> List[Tuple[str, str]]:
-    """``[(relative_path, text)]`` in order, at most ``max_bytes`` UTF-8 bytes in all (``None``: no cap)."""
+def _shingles(text: str, n: int = 5) -> List[bytes]:
+    words = text.split()
+    return [" ".join(words[i:i + n]).encode() for i in range(max(1, len(words) - n + 1))]
+
+
+def near_duplicates(docs: Sequence[Tuple[str, str]], threshold: float = DEDUP_THRESHOLD) -> List[Tuple[str, str]]:
+    """``[(dropped, kept)]``: each document whose estimated Jaccard similarity (MinHash over word 5-gram
+    shingles, LSH) with an earlier kept one reaches ``threshold``, and that earlier document."""
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=128)
+    dropped = []
+    for name, text in docs:
+        m = MinHash(num_perm=128, seed=1)
+        m.update_batch(_shingles(text))
+        hits = lsh.query(m)
+        if hits:
+            dropped.append((name, sorted(hits)[0]))
+        else:
+            lsh.insert(name, m)
+    return dropped
+
+
+def hash_order(name: str) -> str:
+    """The sort key that spreads documents over the split: SHA-256 of the name (deterministic, path-independent)."""
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()
+
+
+def stdlib_documents(max_bytes: Optional[int] = DEFAULT_MAX_BYTES, root: Optional[str] = None,
+                     stats: Optional[dict] = None) -> List[Tuple[str, str]]:
+    """``[(relative_path, text)]`` in training order (near-duplicates dropped, hash order), at most ``max_bytes``
+    UTF-8 bytes in all (``None``: no cap). ``stats``, when given, receives the counts of each step."""
     root_path = Path(root or sysconfig.get_paths()["stdlib"])
-    docs, total = [], 0
+    docs = []
     for path in stdlib_files(str(root_path)):
         try:
-            text = path.read_bytes().decode("utf-8")
+            docs.append((path.relative_to(root_path).as_posix(), path.read_bytes().decode("utf-8")))
         except (UnicodeDecodeError, OSError):
             continue
+    dropped = near_duplicates(docs)
+    gone = {name for name, _ in dropped}
+    docs = sorted((d for d in docs if d[0] not in gone), key=lambda d: hash_order(d[0]))
+    out, total = [], 0
+    for name, text in docs:
         size = len(text.encode("utf-8"))
         if max_bytes is not None and total + size > max_bytes:
-            # Cut the last document at a line boundary within the remaining budget.
-            room = max_bytes - total
-            head = text.encode("utf-8")[:room].decode("utf-8", errors="ignore")
-            text = head[: head.rfind("\n") + 1]
-            size = len(text.encode("utf-8"))
+            head = text.encode("utf-8")[:max_bytes - total].decode("utf-8", errors="ignore")
+            text = head[: head.rfind("\n") + 1]  # the last document, cut at a line boundary within the budget
             if text.strip():
-                docs.append((path.relative_to(root_path).as_posix(), text))
-                total += size
+                out.append((name, text))
+                total += len(text.encode("utf-8"))
             break
-        docs.append((path.relative_to(root_path).as_posix(), text))
+        out.append((name, text))
         total += size
-    return docs
+    if stats is not None:
+        stats.update(files=len(docs) + len(dropped), near_duplicates=len(dropped), documents=len(out), bytes=total)
+    return out
 
 
 def corpus_key(vocab_size: int, max_bytes: Optional[int], model_type: str, root: Optional[str] = None,
@@ -115,10 +166,12 @@ def prepare_default_corpus(
         return prefix, model
 
     os.makedirs(cache_dir, exist_ok=True)
+    started = time.perf_counter()
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=f".{os.path.basename(final)}.tmp-")
     try:
         jsonl = os.path.join(tmp, "corpus.jsonl")
-        docs = stdlib_documents(max_bytes)
+        stats: dict = {}
+        docs = stdlib_documents(max_bytes, stats=stats)
         if not docs:
             raise RuntimeError(f"no stdlib .py files found under {sysconfig.get_paths()['stdlib']!r}")
         with open(jsonl, "w", encoding="utf-8") as f:
@@ -132,9 +185,8 @@ def prepare_default_corpus(
             preprocess_jsonl(jsonl, os.path.join(tmp, "corpus"), os.path.join(tmp, "tokenizer.model"),
                              append_eod=True, workers=workers)
         with open(os.path.join(tmp, "DONE"), "w") as f:
-            json.dump({"documents": len(docs), "bytes": sum(len(t.encode()) for _, t in docs),
-                       "vocab_size": vocab_size, "max_bytes": max_bytes, "model_type": model_type,
-                       "tokenizer": given}, f)
+            json.dump({**stats, "vocab_size": vocab_size, "max_bytes": max_bytes, "model_type": model_type,
+                       "tokenizer": given, "prepare_seconds": round(time.perf_counter() - started, 1)}, f)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -106,6 +106,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "corpus is tokenized with this one): a sentencepiece .model file, or with --tokenizer-type "
                         "HuggingFaceTokenizer a directory holding tokenizer.json")
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--check-contamination", action="store_true",
+                   help="print the share of the validation/test splits' 13-grams also in the training split "
+                        "(always done for the default corpus): Megatron's --split is contiguous by document, so a "
+                        "sorted corpus gives held-out documents that repeat training ones")
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)

@@ -79,11 +79,20 @@ def resolve_data(args, first=lambda fn: fn()):
     return [prefix], SENTENCEPIECE, model, cache
 
 
+def contamination_line(data_path, split: str) -> str:
+    """:func:`~..data.contamination.describe` of the data's held-out splits ."""
+    from ..data.contamination import contamination, describe
+    from ..data.datasets import parse_blend
+
+    return describe(contamination(parse_blend(data_path)[0], split))
+
+
 def build_datasets(args, gbs: int, train_samples: int):
     """``(train, valid or None, tokenizer)`` for :func:`resolve_data`'s data; a collective.
 
     With ``--data-path`` every dataset's largest token id is first checked against the tokenizer's vocabulary
-    (``ValueError`` naming the prefix).
+    (``ValueError`` naming the prefix). Rank 0 prints the held-out splits' n-gram overlap with training (the
+    default corpus always, ``--data-path`` with ``--check-contamination``).
 
     ``train_samples``: the last sample index the run will read, plus one."""
     from ..data.datasets import build_gpt_datasets, check_token_range
@@ -93,6 +102,8 @@ def build_datasets(args, gbs: int, train_samples: int):
     tokenizer = build_tokenizer(tok_type, tok_model)
     if args.data_path:
         check_token_range(data_path, tokenizer, tok_type)  # data from another tokenizer: refused before training
+    if (args.check_contamination or not args.data_path) and dist.get_rank() == 0:
+        print(contamination_line(data_path, args.split), flush=True)
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
     num_samples = (train_samples, max(1, evals) * args.eval_iters * gbs, None)
     # collective: Megatron's builder lets rank 0 build the index caches first
