@@ -98,7 +98,7 @@ def test_summary_pairs_seeds_and_never_divides_by_zero(tmp_path):
     g = load_grid(grid_yaml(tmp_path, methods={"baseline": {}, "simreg": {"simreg-weight": 0.1},
                                                "jreg": {"jreg-weight": 1.0}}))
     t = [100, 200, 300, 400]
-    curves = {  # simreg crosses each seed's target between evaluations; jreg never reaches it
+    curves = {  # simreg crosses each seed's (smoothed) target; jreg never reaches it
         "dense.baseline.s1": [4.0, 3.0, 2.5, 2.0], "dense.simreg.s1": [3.5, 2.5, 2.0, 1.8],
         "dense.jreg.s1": [4.0, 3.5, 3.0, 2.9],
         "dense.baseline.s2": [4.0, 3.0, 2.6, 2.2], "dense.simreg.s2": [3.0, 2.2, 2.0, 1.9],
@@ -107,15 +107,21 @@ def test_summary_pairs_seeds_and_never_divides_by_zero(tmp_path):
                  "zero_shot": {"task_a": {"value": 0.5 if "baseline" in k else 0.6}},
                  "analysis": _analysis(0.3 if "simreg" in k else 0.2, 2.0)} for k, v in curves.items()}
     runs = summary.per_run(g, evals)
-    # seed 1: target 2.0, reached by simreg at 300; baseline at 400 -> 1 - 300/400
-    assert runs["dense.simreg.s1"]["speedup"] == pytest.approx(0.25)
-    # seed 2: target 2.2, simreg crosses between 100 (3.0) and 200 (2.2) -> exactly 200
+    # Curves smoothed over 3 evaluations (2 at the ends). Seed 1: target (2.5 + 2.0) / 2 = 2.25, which the
+    # baseline's smoothed curve reaches at 400; simreg's, (3.5 + 2.5 + 2.0) / 3 at 200 and 2.1 at 300, between.
+    t1 = 200 + 100 * (8 / 3 - 2.25) / (8 / 3 - 2.1)
+    assert runs["dense.simreg.s1"]["target"] == pytest.approx(2.25)
+    assert runs["dense.simreg.s1"]["baseline_tokens_to_target"] == pytest.approx(400.0)
+    assert runs["dense.simreg.s1"]["tokens_to_target"] == pytest.approx(t1)
+    assert runs["dense.simreg.s1"]["speedup"] == pytest.approx(1 - t1 / 400)
+    # seed 2: target (2.6 + 2.2) / 2 = 2.4, simreg's smoothed curve is (3.0 + 2.2 + 2.0) / 3 = 2.4 at 200
     assert runs["dense.simreg.s2"]["tokens_to_target"] == pytest.approx(200.0)
     assert runs["dense.simreg.s2"]["speedup"] == pytest.approx(0.5)
     assert runs["dense.jreg.s1"]["tokens_to_target"] is None and runs["dense.jreg.s1"]["speedup"] is None
     agg = summary.summarize(g, runs)["dense"]
-    assert agg["simreg"]["speedup"]["mean"] == pytest.approx(0.375)
-    assert agg["simreg"]["speedup"]["std"] == pytest.approx(math.sqrt(2 * 0.125 ** 2))
+    speedups = [1 - t1 / 400, 0.5]
+    assert agg["simreg"]["speedup"]["mean"] == pytest.approx(sum(speedups) / 2)
+    assert agg["simreg"]["speedup"]["std"] == pytest.approx(abs(speedups[0] - speedups[1]) / math.sqrt(2))
     assert agg["jreg"]["reached"] == 0 and agg["jreg"]["speedup"] == {"mean": None, "std": None, "n": 0}
     assert agg["simreg"]["zero_shot"]["task_a"]["mean"] == pytest.approx(0.6)
     assert agg["simreg"]["analysis"]["inter_intra_gap"]["mean"] == pytest.approx(0.2)
@@ -127,7 +133,7 @@ def test_summary_pairs_seeds_and_never_divides_by_zero(tmp_path):
     report.write_results(str(out), g, runs, summary.summarize(g, runs), [])
     report.write_plots(str(out), summary.summarize(g, runs))
     text = open(report.write_report(str(out), g, summary.summarize(g, runs), [])).read()
-    assert "| dense | simreg | 2 | 1.8500 ± 0.0707 | 250 ± 71 | 2/2 | +37.5% ± 17.7% |" in text
+    assert "| dense | simreg | 2 | 1.8500 ± 0.0707 | not measured | 237 ± 52 | 2/2 | +40.8% ± 13.0% |" in text
     assert "| dense | jreg | 2 |" in text and "| 0/2 | – |" in text
     for png in ("val_loss_dense.png", "layer_distance_dense.png", "margins_dense.png"):
         assert (out / png).stat().st_size > 1000 and f"({png})" in text

@@ -35,6 +35,34 @@ def tokens_to_target(tokens: Sequence[float], losses: Sequence[float], target: f
     return None
 
 
+def smooth(losses: Sequence[float], window: int = 3) -> List[float]:
+    """Centered moving average over ``window`` (odd) evaluations; at the ends, over the neighbours there are.
+
+    With ``window=3``: ``(l[i-1] + l[i] + l[i+1]) / 3`` inside, ``(l[0] + l[1]) / 2`` and
+    ``(l[-2] + l[-1]) / 2`` at the ends. One noisy evaluation moves each smoothed point by at most a third
+    of its error (half at an end), where a running minimum would keep a noise dip for the rest of the curve.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"the window must be a positive odd number of evaluations, not {window}")
+    h = window // 2
+    out = []
+    for i in range(len(losses)):
+        near = losses[max(0, i - h):i + h + 1]
+        out.append(sum(near) / len(near))
+    return out
+
+
+def loss_at(tokens: Sequence[float], losses: Sequence[float], at: float) -> Optional[float]:
+    """The loss at ``at`` tokens, linearly interpolated between the evaluations that bracket it.
+
+    ``None`` outside the evaluated range (no extrapolation).
+    """
+    for (t0, l0), (t1, l1) in zip(zip(tokens, losses), zip(tokens[1:], losses[1:])):
+        if t0 <= at <= t1:
+            return float(l0 if t1 == t0 else l0 + (l1 - l0) * (at - t0) / (t1 - t0))
+    return float(losses[0]) if len(tokens) == 1 and tokens[0] == at else None
+
+
 def speedup(tokens_method: Optional[float], tokens_baseline: Optional[float]) -> Optional[float]:
     """``1 - tokens_method / tokens_baseline``: the paper's "convergence acceleration".
 

@@ -7,7 +7,9 @@ import os
 import re
 from typing import Dict, List, Optional
 
+from . import statistics
 from .grid import Grid
+from .statistics import format_interval
 from .summary import __doc__ as DEFINITIONS
 
 
@@ -50,9 +52,12 @@ def write_report(out: str, grid: Grid, summary: dict, missing: List[str], contam
         for method, agg in methods.items():
             reached = (f"{agg['reached']}/{len(agg['seeds'])}" if "reached" in agg else "–")
             rows.append([model, method, str(len(agg["seeds"])), _ms(agg["final_val_loss"]),
+                         _ms(agg["final_val_loss_se"]) if agg["final_val_loss_se"]["n"] else "not measured",
                          _ms(agg.get("tokens_to_target"), "{:,.0f}"), reached,
                          "–" if method == "baseline" else _ms(agg.get("speedup"), "{:+.1f}", pct=True)])
-    lines += _table(["model", "method", "seeds", "final val loss", "tokens to target", "reached", "speed-up"], rows)
+    lines += _table(["model", "method", "seeds", "final val loss", "final val loss SE", "tokens to target", "reached",
+                     "speed-up"], rows)
+    lines += _paired_section(summary)
     for model in summary:
         lines += [f"![validation loss, {model}](val_loss_{model}.png)", ""]
 
@@ -88,8 +93,7 @@ def write_report(out: str, grid: Grid, summary: dict, missing: List[str], contam
                 for model, method, a in analysed]
         lines += _table(["model", "method", "last-layer distance", "jump strength"], rows)
         lines += [f"![layer distances, {m}](layer_distance_{m}.png)" for m in summary] + [""]
-    definitions = re.sub(r":func:`~?([\w.]+)`", r"`\1`", DEFINITIONS.split("Definitions:", 1)[1]).replace("``", "`")
-    lines += ["## Definitions", "", definitions.strip(), "",
+    lines += ["## Definitions", "", _definitions(DEFINITIONS), "", _definitions(statistics.__doc__), "",
               "All numbers are in `results.json`; each run's flags are in `runs/<name>/run.json`.", ""]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
@@ -108,6 +112,38 @@ def _contamination_lines(result: Optional[dict]) -> List[str]:
         lines = [f"**Warning: the validation data repeats the training data** (share above {WARN_SHARE}); the "
                  "validation loss partly measures memorisation.", ""] + lines
     return lines
+
+
+def _paired_section(summary: dict) -> List[str]:
+    """The paired differences vs the baseline: a table of means and t-intervals, then one claim per method."""
+    paired = [(model, method, agg) for model, methods in summary.items() for method, agg in methods.items()
+              if "claim" in agg]
+    if not paired:
+        return []
+    rows = [[model, method, str(len(agg["seeds"])), _speedup_cell(agg), format_interval(agg["final_loss_diff_ci"]),
+             format_interval(agg["loss_ratio_ci"], "{:.4f}")] for model, method, agg in paired]
+    level = f"{paired[0][2]['speedup_ci']['confidence']:.0%}"
+    return ["### Paired differences vs baseline", "",
+            f"Each method against the baseline run with the same model and seed; mean [{level} CI] over seeds, "
+            "the CI a two-sided t-interval over the paired seeds (n − 1 degrees of freedom). With fewer than "
+            f"{statistics.MIN_SEEDS} seeds no interval is given and no claim is made. The speed-up's interval "
+            "covers the seeds that reached the target.", "",
+            *_table(["model", "method", "n", f"speed-up [{level} CI]", f"final-loss diff [{level} CI]",
+                     f"loss ratio at equal tokens [{level} CI]"], rows),
+            *(f"- {model} / {method}: {agg['claim']}" for model, method, agg in paired), ""]
+
+
+def _speedup_cell(agg: dict) -> str:
+    """The speed-up's mean [CI], with its own ``n`` where some seeds never reached the target."""
+    ci = agg["speedup_ci"]
+    text = format_interval(ci, "{:+.1f}", pct=True)
+    return text if ci["n"] == len(agg["seeds"]) else f"{text} (n={ci['n']})"
+
+
+def _definitions(doc: str) -> str:
+    """The ``Definitions:`` part of a module docstring, in markdown."""
+    text = re.sub(r":(?:func|data):`~?([\w.]+)`", r"`\1`", doc.split("Definitions:", 1)[1])
+    return text.replace("``", "`").strip()
 
 
 def write_plots(out: str, summary: dict) -> List[str]:
@@ -133,9 +169,9 @@ def write_plots(out: str, summary: dict) -> List[str]:
             t = agg.get("tokens_to_target", {}).get("mean")
             if t is not None and method != "baseline":
                 ax.axvline(t, color=f"C{i}", linestyle="--", linewidth=1)
-        if base:
-            ax.axhline(base["final_val_loss"]["mean"], color="gray", linestyle=":", linewidth=1,
-                       label="baseline final (target)")
+        if base and "target" in base:
+            ax.axhline(base["target"]["mean"], color="gray", linestyle=":", linewidth=1,
+                       label="baseline smoothed final (target)")
         ax.set(xlabel="tokens", ylabel="validation loss", title=f"{model}: validation loss (mean ± std over seeds)")
         ax.legend(fontsize=8)
         paths.append(_save(fig, out, f"val_loss_{model}.png"))

@@ -2,37 +2,37 @@
 
 Definitions:
 
-- *target*: the final validation loss of the baseline run with the same model and seed;
-- *tokens-to-target*: the tokens at which a run's validation loss first reaches the target, linearly
+- *smoothed curve*: a validation curve averaged over 3 consecutive evaluations, centered (the first and last
+  evaluations over the 2 there are; :func:`~megatron_simreg.analysis.convergence.smooth`), so that one noisy
+  evaluation cannot decide where a curve crosses the target. Not a running minimum, which keeps every noise dip;
+- *target*: the smoothed final validation loss of the baseline run with the same model and seed;
+- *tokens-to-target*: the tokens at which a run's smoothed curve first reaches the target, linearly
   interpolated between the two evaluations that bracket the crossing
-  (:func:`~megatron_simreg.analysis.convergence.tokens_to_target`); the baseline's own is where it
-  first reaches its final loss (its last evaluation, unless the curve dipped below it earlier);
+  (:func:`~megatron_simreg.analysis.convergence.tokens_to_target`); the baseline's own is where its smoothed
+  curve first reaches its smoothed final loss (its last evaluation, unless the curve dipped below it earlier);
 - *speed-up*: ``1 - tokens_method / tokens_baseline``, paired by seed. A run that never reaches the
   target has no speed-up; the summary says in how many seeds it was reached and averages over those;
+- *final-loss difference*: the method's final validation loss minus the same seed's baseline's (last
+  evaluations, not smoothed); negative means the method ends lower;
+- *loss ratio at equal tokens*: the method's validation loss at the tokens of the baseline's final evaluation
+  (linearly interpolated if the method was not evaluated there) over the baseline's final validation loss, same
+  seed; below 1 means the method is lower at the same budget;
+- *final val loss SE*: the standard error of a run's final validation loss over its evaluation batches, where
+  the trainer recorded one (``val_loss_se``), averaged over seeds; set it against the std over seeds to see how
+  much of the seed-to-seed spread is evaluation noise. "not measured" where no evaluation recorded it;
 - mean ± std over seeds uses the sample standard deviation (``n - 1``); with one seed there is no std.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List
 
-from ..analysis.convergence import speedup, tokens_to_target
+from ..analysis.convergence import loss_at, smooth, speedup, tokens_to_target
 from .grid import Grid
+from .statistics import MIN_SEEDS, format_interval, mean_std, paired_interval, verdict
 
 ANALYSIS_SCALARS = ("intra_cos", "inter_cos", "margin_mean", "margin_median", "margin_frac_positive",
                     "jump_strength")
-
-
-def mean_std(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
-    """``{"mean", "std", "n"}`` over the values that are not ``None``/NaN; ``std`` needs two."""
-    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    n = len(xs)
-    if n == 0:
-        return {"mean": None, "std": None, "n": 0}
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n}
 
 
 def per_run(grid: Grid, evals: Dict[str, dict]) -> Dict[str, dict]:
@@ -43,14 +43,12 @@ def per_run(grid: Grid, evals: Dict[str, dict]) -> Dict[str, dict]:
         if ev is None or not ev["val_loss"]:
             continue
         base = evals.get(grid.run(run.model, "baseline", run.seed).name)
+        se = ev.get("val_loss_se")
         row = {"model": run.model, "method": run.method, "seed": run.seed, "iteration": ev["iteration"],
-               "tokens": ev["tokens"], "val_loss": ev["val_loss"], "final_val_loss": ev["val_loss"][-1]}
+               "tokens": ev["tokens"], "val_loss": ev["val_loss"], "final_val_loss": ev["val_loss"][-1],
+               "final_val_loss_se": se[-1] if se else None}
         if base is not None and base["val_loss"]:
-            target = base["val_loss"][-1]
-            t_base = tokens_to_target(base["tokens"], base["val_loss"], target)
-            t_run = tokens_to_target(ev["tokens"], ev["val_loss"], target)
-            row.update(target=target, tokens_to_target=t_run, baseline_tokens_to_target=t_base,
-                       speedup=speedup(t_run, t_base))
+            row.update(paired(ev, base))
         if "zero_shot" in ev:
             row["zero_shot"] = {task: r["value"] for task, r in ev["zero_shot"].items()}
             row["zero_shot_avg"] = sum(row["zero_shot"].values()) / len(row["zero_shot"])
@@ -58,6 +56,18 @@ def per_run(grid: Grid, evals: Dict[str, dict]) -> Dict[str, dict]:
             row["analysis"] = ev["analysis"]
         out[run.name] = row
     return out
+
+
+def paired(ev: dict, base: dict) -> dict:
+    """A run's numbers against the baseline run with the same model and seed (see the Definitions)."""
+    run_smooth, base_smooth = smooth(ev["val_loss"]), smooth(base["val_loss"])
+    target = base_smooth[-1]
+    t_base = tokens_to_target(base["tokens"], base_smooth, target)
+    t_run = tokens_to_target(ev["tokens"], run_smooth, target)
+    at_base_end = loss_at(ev["tokens"], ev["val_loss"], base["tokens"][-1])
+    return {"target": target, "tokens_to_target": t_run, "baseline_tokens_to_target": t_base,
+            "speedup": speedup(t_run, t_base), "final_loss_diff": ev["val_loss"][-1] - base["val_loss"][-1],
+            "loss_ratio_at_equal_tokens": None if at_base_end is None else at_base_end / base["val_loss"][-1]}
 
 
 def summarize(grid: Grid, runs: Dict[str, dict]) -> Dict[str, Dict[str, dict]]:
@@ -68,11 +78,16 @@ def summarize(grid: Grid, runs: Dict[str, dict]) -> Dict[str, Dict[str, dict]]:
             rows = [runs[r.name] for r in grid.runs if (r.model, r.method) == (model, method) and r.name in runs]
             if not rows:
                 continue
-            agg = {"seeds": [r["seed"] for r in rows], "final_val_loss": mean_std([r["final_val_loss"] for r in rows])}
+            agg = {"seeds": [r["seed"] for r in rows],
+                   "final_val_loss": mean_std([r["final_val_loss"] for r in rows]),
+                   "final_val_loss_se": mean_std([r["final_val_loss_se"] for r in rows])}
             if all("speedup" in r for r in rows):
+                agg["target"] = mean_std([r["target"] for r in rows])
                 agg["tokens_to_target"] = mean_std([r["tokens_to_target"] for r in rows])
                 agg["speedup"] = mean_std([r["speedup"] for r in rows])
                 agg["reached"] = sum(r["tokens_to_target"] is not None for r in rows)
+                if method != "baseline":
+                    agg.update(_intervals(rows))
             if all("zero_shot" in r for r in rows):
                 tasks = list(rows[0]["zero_shot"])
                 agg["zero_shot"] = {t: mean_std([r["zero_shot"][t] for r in rows]) for t in tasks}
@@ -82,6 +97,27 @@ def summarize(grid: Grid, runs: Dict[str, dict]) -> Dict[str, Dict[str, dict]]:
             agg["curve"] = _mean_curve(rows)
             summary.setdefault(model, {})[method] = agg
     return summary
+
+
+def _intervals(rows: List[dict]) -> dict:
+    """The paired t-intervals over seeds of a method's speed-up, final-loss difference and loss ratio, and its claim."""
+    out = {"speedup_ci": paired_interval([r["speedup"] for r in rows]),
+           "final_loss_diff_ci": paired_interval([r["final_loss_diff"] for r in rows]),
+           "loss_ratio_ci": paired_interval([r["loss_ratio_at_equal_tokens"] for r in rows], null=1.0)}
+    if len(rows) < MIN_SEEDS:
+        out["claim"] = f"n={len(rows)}: {out['speedup_ci']['note']}"
+    else:
+        out["claim"] = "; ".join([
+            _claim("speed-up", out["speedup_ci"], len(rows), "{:+.1f}", pct=True,
+                   missing="the others never reached the target"),
+            _claim("final-loss difference", out["final_loss_diff_ci"], len(rows), "{:+.4f}")])
+    return out
+
+
+def _claim(name: str, ci: dict, seeds: int, fmt: str, pct: bool = False, missing: str = "") -> str:
+    """E.g. ``speed-up +12.3% [95% CI +4.1%, +20.5%], n=5: distinguishable from zero``."""
+    n = f"n={ci['n']}" if ci["n"] == seeds else f"n={ci['n']} of {seeds} seeds ({missing})"
+    return f"{name} {format_interval(ci, fmt, pct, label=True)}, {n}: {verdict(ci)}"
 
 
 def _analysis(rows: List[dict]) -> dict:
