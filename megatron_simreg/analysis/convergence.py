@@ -11,10 +11,15 @@ def read_metrics(path: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def evaluations(records: Sequence[dict]) -> List[dict]:
+    """The records that carry an evaluation, in order (the last record wins per iteration)."""
+    by_iter = {r["iteration"]: r for r in records if "val_loss" in r}
+    return [by_iter[i] for i in sorted(by_iter)]
+
+
 def validation_curve(records: Sequence[dict]) -> Tuple[List[float], List[float]]:
     """``(consumed_tokens, val_loss)`` of the evaluations, in order (last record wins per iteration)."""
-    by_iter = {r["iteration"]: r for r in records if "val_loss" in r}
-    points = [by_iter[i] for i in sorted(by_iter)]
+    points = evaluations(records)
     return [p["consumed_tokens"] for p in points], [p["val_loss"] for p in points]
 
 

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..analysis.convergence import read_metrics, validation_curve
+from ..analysis.convergence import evaluations, read_metrics
 from .grid import Grid, Run, parse_train
 from .runner import checkpoint_dir, run_dir, state
 
@@ -64,8 +64,11 @@ def evaluate_run(grid: Grid, out: str, run: Run, device: str = "cpu", log=print)
             cached = json.load(f)
         if cached.get("iteration") == iteration and cached.get("settings") == _settings(grid):
             return cached
-    tokens, losses = validation_curve(read_metrics(os.path.join(checkpoint_dir(out, run), "metrics.jsonl")))
-    result = {"iteration": iteration, "settings": _settings(grid), "tokens": tokens, "val_loss": losses}
+    points = evaluations(read_metrics(os.path.join(checkpoint_dir(out, run), "metrics.jsonl")))
+    result = {"iteration": iteration, "settings": _settings(grid), "tokens": [p["consumed_tokens"] for p in points],
+              "val_loss": [p["val_loss"] for p in points]}
+    if all(p.get("val_loss_se") is not None for p in points):
+        result["val_loss_se"] = [p["val_loss_se"] for p in points]
     if grid.zero_shot_tasks or grid.analysis_sequences:
         hf_dir = os.path.join(run_dir(out, run), "hf")
         from ..conversion.export import export_hf

@@ -138,6 +138,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-interval", type=int, default=None, help="save (with --save) and exit after this iteration")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=4)
+    g.add_argument("--eval-tokens", type=int, default=None,
+                   help="the validation budget in tokens: sets --eval-iters to cover at least this many (min 2). "
+                        "Each evaluation logs val_loss_se, the loss's standard error over its batches")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None, help="default <save>/tensorboard")
     g = p.add_argument_group("SimReg and JREG")
@@ -303,6 +306,8 @@ def validate(a: argparse.Namespace) -> None:
                          "other: pick the flags' schedule or the checkpoint's")
     if a.ckpt_step is not None and (a.ckpt_step < 0 or not a.load):
         raise ValueError("--ckpt-step N needs --load DIR and N >= 0")
+    if a.eval_iters < 1 or (a.eval_tokens is not None and a.eval_tokens < 1):
+        raise ValueError("--eval-iters and --eval-tokens must be >= 1")
     if a.save_interval is not None and a.save_interval < 1:
         raise ValueError("--save-interval must be >= 1")
     if a.save_interval and not a.save:

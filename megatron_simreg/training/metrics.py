@@ -57,6 +57,9 @@ class MetricsWriter:
         shown = {k: record[k] for k in ("lm_loss", "val_loss", "simreg_loss", "jreg_loss", "lr", "grad_norm")
                  if record.get(k) is not None}
         text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        if record.get("val_loss_se") is not None:
+            text = text.replace(f"val_loss={record['val_loss']:.4g}",
+                                f"val_loss={record['val_loss']:.4g}±{record['val_loss_se']:.2g}")
         if self.bar:
             self.bar.n = it
             self.bar.set_postfix_str(text, refresh=True)

@@ -77,6 +77,8 @@ def run(args) -> dict:
         raise ValueError(f"--global-batch-size {gbs} must be a multiple of --micro-batch-size x data-parallel size "
                          f"({args.micro_batch_size} x {dp})")
     num_micro = gbs // (args.micro_batch_size * dp)
+    if args.eval_tokens:  # a validation budget in tokens, whatever the batch shape
+        args.eval_iters = max(2, math.ceil(args.eval_tokens / (gbs * args.seq_length)))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -161,7 +163,7 @@ def run(args) -> dict:
                 record["moe_aux_loss"] = moe_aux_loss(num_micro)
             if valid_batches is not None and args.eval_interval and ((it + 1) % args.eval_interval == 0
                                                                     or it + 1 == args.train_iters):
-                record["val_loss"] = evaluate(backend, valid_batches, args.eval_iters)
+                record["val_loss"], record["val_loss_se"] = evaluate(backend, valid_batches, args.eval_iters)
             if (it + 1) % args.log_interval == 0 or "val_loss" in record or it + 1 == args.train_iters:
                 writer.log(record)
             last = record
@@ -195,10 +197,17 @@ def _non_finite_message(args, iteration: int, lm: float, grad_norm: float, appli
             f"checkpoint with --ckpt-step N (complete: {', '.join(map(str, done[-5:]))})")
 
 
-def evaluate(backend, valid_batches: Batches, eval_iters: int) -> float:
+def evaluate(backend, valid_batches: Batches, eval_iters: int):
+    """``(loss, standard error)`` over the first ``eval_iters`` global batches of the validation split (the same
+    ones at every evaluation). The loss is the token-weighted mean; its standard error is the spread of the
+    batches' own means over ``sqrt(eval_iters)`` (``None`` with one batch). Batches hold whole random documents'
+    sequences, so they are close to independent draws; sequences within one batch are not, which is why the
+    batch, not the token, is the unit."""
     sums = torch.zeros(2)
+    means = []
     for i in range(eval_iters):
-        sums += backend.eval_step(valid_batches.local(valid_batches.full(i)))
-    return float(sums[0] / sums[1].clamp_min(1))
-
-
+        step = backend.eval_step(valid_batches.local(valid_batches.full(i))).float().cpu()
+        sums += step
+        means.append(float(step[0] / step[1].clamp_min(1)))
+    se = float(torch.tensor(means).std() / math.sqrt(len(means))) if len(means) > 1 else None
+    return float(sums[0] / sums[1].clamp_min(1)), se
