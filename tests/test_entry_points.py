@@ -21,9 +21,10 @@ def test_cli_demo_tiny(tmp_path):
     cfg.write_text("num-layers: 2\nhidden-size: 32\nnum-attention-heads: 4\nseq-length: 32\nmicro-batch-size: 2\n"
                    "global-batch-size: 2\ntrain-iters: 4\neval-interval: 2\neval-iters: 1\n")
     out = run("-m", "megatron_simreg.cli", "demo", "--out", str(tmp_path / "demo"), "--config", str(cfg),
-              "--data-cache-path", str(tmp_path / "cache"))
+              "--data-cache-path", str(tmp_path / "cache"), "--seeds", "1", "2")
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| baseline |" in report and "| simreg |" in report and "speed-up" in report
+    assert "| 1 |" in report and "| 2 |" in report and "**Speed-up**" in report
+    assert "fewer than 3 seeds: no claim can be made" in report  # two seeds: no interval, no claim
     assert (tmp_path / "demo" / "val_loss.png").stat().st_size > 1000
     assert "report:" in out
 

@@ -1,10 +1,12 @@
-"""``megatron-simreg demo``: baseline vs SimReg on a tiny Megatron-core GPT, on CPU.
+"""``megatron-simreg demo``: baseline vs SimReg on a tiny Megatron-core GPT, on CPU, over several seeds.
 
-It prepares the default corpus (the Python standard library's source, cached),
-trains ``examples/configs/demo_cpu.yaml`` twice with the same seed and data
-order (baseline, then ``--simreg-weight``), evaluating along the way, and
-writes ``report.md`` and ``val_loss.png`` into ``--out``. The numbers are
-whatever the runs give; nothing is tuned to favour either method.
+It prepares the default corpus (the Python standard library's source, cached), trains
+``examples/configs/demo_cpu.yaml`` as a baseline and with ``--simreg-weight`` for each seed (same seed, same
+initial weights and data order within a pair), and writes ``report.md`` and ``val_loss.png`` into ``--out``. The
+report gives the paired speed-up and final-loss difference with their 95% t-intervals over seeds, computed as
+``compare`` computes them (:func:`~megatron_simreg.compare.summary.paired`), and says whether the effect is
+distinguishable from zero; with fewer than 3 seeds it says no claim can be made. The numbers are whatever the
+runs give; nothing is tuned to favour either method.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-from ..analysis.convergence import read_metrics, speedup, tokens_to_target, validation_curve
+from ..analysis.convergence import read_metrics, validation_curve
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "demo_cpu.yaml"
+METHODS = ("baseline", "simreg")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (runs, report.md, val_loss.png)")
-    p.add_argument("--config", default=str(CONFIG), help="trainer YAML shared by both runs")
+    p.add_argument("--config", default=str(CONFIG), help="trainer YAML shared by every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one baseline/SimReg pair per seed")
     p.add_argument("--simreg-weight", type=float, default=0.1)
     p.add_argument("--simreg-temperature", type=float, default=0.1)
     p.add_argument("--train-iters", type=int, default=None, help="override the config's")
@@ -33,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _train(args, name: str, extra) -> str:
     save = os.path.join(args.out, name)
-    shutil.rmtree(save, ignore_errors=True)  # both runs start from scratch, so the comparison is clean
+    shutil.rmtree(save, ignore_errors=True)  # every run starts from scratch, so the comparison is clean
     cmd = [sys.executable, "-m", "megatron_simreg.cli", "train", "--config", args.config, "--save", save, *extra]
     if args.train_iters:
         cmd += ["--train-iters", str(args.train_iters)]
@@ -48,60 +52,71 @@ def _train(args, name: str, extra) -> str:
 
 def main(args) -> int:
     os.makedirs(args.out, exist_ok=True)
-    runs = {
-        "baseline": _train(args, "baseline", []),
-        "simreg": _train(args, "simreg", ["--simreg-weight", str(args.simreg_weight),
-                                          "--simreg-temperature", str(args.simreg_temperature)]),
-    }
-    curves = {k: validation_curve(read_metrics(os.path.join(v, "metrics.jsonl"))) for k, v in runs.items()}
+    simreg = ["--simreg-weight", str(args.simreg_weight), "--simreg-temperature", str(args.simreg_temperature)]
+    curves = {}  # (method, seed) -> (tokens, val_loss)
+    for seed in args.seeds:
+        for method, extra in zip(METHODS, ([], simreg)):
+            save = _train(args, f"{method}.s{seed}", ["--seed", str(seed), *extra])
+            curves[method, seed] = validation_curve(read_metrics(os.path.join(save, "metrics.jsonl")))
     report = write_report(args, curves)
-    print(f"\nreport: {report}\nplot:   {os.path.join(args.out, 'val_loss.png')}")
+    print(open(report).read().split("## Settings")[0])
+    print(f"report: {report}\nplot:   {os.path.join(args.out, 'val_loss.png')}")
     return 0
 
 
 def write_report(args, curves) -> str:
-    import matplotlib
+    from ..compare.statistics import MIN_SEEDS, format_interval, paired_interval, verdict
+    from ..compare.summary import paired
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    pairs = {seed: paired({"tokens": curves["simreg", seed][0], "val_loss": curves["simreg", seed][1]},
+                          {"tokens": curves["baseline", seed][0], "val_loss": curves["baseline", seed][1]})
+             for seed in args.seeds}
+    speedup = paired_interval([p["speedup"] for p in pairs.values()])
+    loss_diff = paired_interval([p["final_loss_diff"] for p in pairs.values()])
+    _plot(args, curves, os.path.join(args.out, "val_loss.png"))
 
-    base_t, base_l = curves["baseline"]
-    target = base_l[-1]
-    t_base = tokens_to_target(base_t, base_l, target)
-    t_sim = tokens_to_target(*curves["simreg"], target)
-    acc = speedup(t_sim, t_base)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (t, l) in curves.items():
-        ax.plot(t, l, marker="o", markersize=3, label=name)
-    ax.axhline(target, color="gray", linestyle=":", linewidth=1, label="baseline final")
-    if t_sim is not None:
-        ax.axvline(t_sim, color="C1", linestyle="--", linewidth=1)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("validation loss")
-    ax.set_title("Baseline vs SimReg (CPU demo)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "val_loss.png"), dpi=120)
-
-    settings = open(args.config).read().strip()
+    rows = [f"| {seed} | {curves['baseline', seed][1][-1]:.4f} | {curves['simreg', seed][1][-1]:.4f} | "
+            f"{p['final_loss_diff']:+.4f} | "
+            + (f"{100 * p['speedup']:+.1f}% |" if p["speedup"] is not None else "target not reached |")
+            for seed, p in pairs.items()]
     lines = [
         "# megatron-simreg CPU demo: baseline vs SimReg", "",
-        f"Both runs use `{args.config}` with the same seed and data order"
-        + (f", {args.train_iters} iterations" if args.train_iters else "") + "; SimReg adds "
-        f"`--simreg-weight {args.simreg_weight} --simreg-temperature {args.simreg_temperature}`.", "",
-        "| run | final val loss | tokens to reach baseline's final val loss |", "|---|---:|---:|",
-        f"| baseline | {base_l[-1]:.4f} | {t_base:,.0f} |",
-        f"| simreg | {curves['simreg'][1][-1]:.4f} | "
-        + (f"{t_sim:,.0f} |" if t_sim is not None else "not reached |"), "",
-        ("Convergence speed-up `1 - tokens_simreg / tokens_baseline` = "
-         + (f"**{100 * acc:+.1f}%**" if acc is not None else "n/a (SimReg did not reach the target)")
-         + ". Tokens-to-target interpolates linearly between evaluations."), "",
-        "One seed of a tiny model on a small corpus: this shows the pipeline end to end; it is not a test of the "
-        "paper's claim, which needs several seeds and realistic scales (`megatron-simreg compare`).", "",
-        "![validation loss](val_loss.png)", "", "## Settings", "", "```yaml", settings, "```", "",
+        f"Every run uses `{args.config}`" + (f" for {args.train_iters} iterations" if args.train_iters else "")
+        + f"; a baseline and a SimReg run (`--simreg-weight {args.simreg_weight} --simreg-temperature "
+        f"{args.simreg_temperature}`) per seed, with the same initial weights and data order.", "",
+        "| seed | baseline final val loss | SimReg final val loss | difference | speed-up |",
+        "|---:|---:|---:|---:|---:|", *rows, "",
+        f"- **Speed-up** (tokens to the same seed's baseline final loss, curves smoothed over 3 evaluations): "
+        f"{format_interval(speedup, '{:+.1f}', pct=True, label=True)}: {verdict(speedup)}.",
+        f"- **Final-loss difference** (SimReg − baseline): {format_interval(loss_diff, label=True)}: "
+        f"{verdict(loss_diff)}.", "",
+        f"Intervals are 95% t-intervals over the {len(args.seeds)} paired seeds (none below {MIN_SEEDS} seeds). A "
+        "tiny model on a small corpus: this shows the pipeline end to end and measures the effect at this scale "
+        "only; the paper's claim needs realistic scales (`megatron-simreg compare`).", "",
+        "![validation loss](val_loss.png)", "", "## Settings", "", "```yaml", open(args.config).read().strip(),
+        "```", "",
     ]
     path = os.path.join(args.out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def _plot(args, curves, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for color, method in zip(("C0", "C1"), METHODS):
+        for i, seed in enumerate(args.seeds):
+            tokens, losses = curves[method, seed]
+            ax.plot(tokens, losses, color=color, marker="o", markersize=2, linewidth=1, alpha=0.8,
+                    label=method if i == 0 else None)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"Baseline vs SimReg (CPU demo, seeds {', '.join(map(str, args.seeds))})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
