@@ -12,8 +12,9 @@
       dense: {}
       moe: {num-experts: 4, moe-router-topk: 2}
     methods:        # name -> trainer flags; `baseline` is required and is what the others are measured against
-      baseline: {}
+      baseline: {}              # or a sweep, e.g. {lr: [1.0e-3, 3.0e-3]}: see Sweeps below
       simreg: {simreg-weight: 0.1}
+      simreg-ablation: {simreg-weight: [0.03, 0.1, 0.3], simreg-temperature: [0.05, 0.1]}  # 6 methods
       jreg: {jreg-weight: 3.0}
       simreg+jreg: {simreg-weight: 0.1, jreg-weight: 3.0}
     seeds: [1, 2, 3]
@@ -26,17 +27,30 @@ values. Every run of one model and seed gets the same flags except its method's,
 same initial weights, by :mod:`megatron_simreg.megatron.init`) and the same data order, so differences
 between methods come from the method. Methods that do not set ``simreg-weight`` / ``jreg-weight`` get 0:
 a model config that enables a regularizer cannot leak into the baseline.
+
+Sweeps: in ``methods:`` (the baseline included) a flag whose value is a list of scalars is swept: the method
+becomes one method per combination of the listed values (cartesian product, first flag slowest, in the listed
+order), named ``<method>_<flag>-<value>[_<flag>-<value>...]`` with a value's ``.`` written ``p`` and a leading
+``-`` written ``m``, e.g. ``simreg-ablation_simreg-weight-0p03_simreg-temperature-0p05`` and
+``baseline_lr-0p001`` (run ``dense.baseline_lr-0p001.s1``). :attr:`Grid.sweeps` keeps each such method's
+original name and values, for the report's sensitivity tables and plots. (A flag that takes several values
+goes under ``train:`` or the model.) When the baseline is swept, each method is measured against the *tuned
+baseline*, per model: the baseline variant with the lowest mean final validation loss over the seeds that every
+variant has finished (the first listed on a tie), paired by seed as usual. The other baseline variants are
+measured against it too. Other methods do not take the tuned baseline's flags: sweep them as well where they
+should.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 TOP_KEYS = {"train", "data", "models", "methods", "seeds", "evaluation"}
 BUDGET_KEYS = ("tokens", "train-iters")
@@ -81,9 +95,20 @@ class Grid:
     zero_shot_batch_size: int = 8
     analysis_sequences: int = 8
     data: Dict[str, object] = field(default_factory=dict)
+    # A swept method's name -> {"method": the name in the grid file, "values": {flag: this method's value}}
+    sweeps: Dict[str, dict] = field(default_factory=dict)
 
     def run(self, model: str, method: str, seed: int) -> Run:
         return next(r for r in self.runs if (r.model, r.method, r.seed) == (model, method, seed))
+
+    def origin(self, method: str) -> str:
+        """The method's name in the grid file (``simreg`` for ``simreg_simreg-weight-0p1``)."""
+        return self.sweeps[method]["method"] if method in self.sweeps else method
+
+    @property
+    def baselines(self) -> List[str]:
+        """The baseline's variants: ``["baseline"]`` unless the baseline is swept."""
+        return [m for m in self.methods if self.origin(m) == "baseline"]
 
 
 def mapping_to_argv(value, where: str) -> List[str]:
@@ -184,11 +209,8 @@ def load_grid(path: str) -> Grid:
             raise GridError(f"{where}: models: {k}: give the budget as exactly one of `tokens` (per run) or "
                             "`train-iters`, under data: (every model) or under the model")
         models[k] = _resolve_config(_check_flags(v, f"{where}: models: {k}"), path)
-    methods = {k: _check_flags(v, f"{where}: methods: {k}") for k, v in methods.items()}
-    base = methods["baseline"]
-    if any(float(base.get(w) or 0) != 0 for w in REGULARIZER_WEIGHTS):
-        raise GridError(f"{where}: methods: baseline sets {[w for w in REGULARIZER_WEIGHTS if base.get(w)]}; the "
-                        "baseline trains without SimReg and JREG")
+    methods, sweeps = expand_sweeps({k: _check_flags(v, f"{where}: methods: {k}") for k, v in methods.items()},
+                                    f"{where}: methods")
     seeds = raw.get("seeds", [1234])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds):
@@ -207,7 +229,12 @@ def load_grid(path: str) -> Grid:
                 zero_shot_tasks=tasks, zero_shot_limit=_positive(zs.get("limit"), f"{where}: zero-shot: limit", True),
                 zero_shot_batch_size=_positive(zs.get("batch-size", 8), f"{where}: zero-shot: batch-size"),
                 analysis_sequences=_positive(an.get("sequences", 8), f"{where}: analysis: sequences", zero=True),
-                data=data)
+                data=data, sweeps=sweeps)
+    for name in grid.baselines:
+        base = methods[name]
+        if any(float(base.get(w) or 0) != 0 for w in REGULARIZER_WEIGHTS):
+            raise GridError(f"{where}: methods: {name} sets {[w for w in REGULARIZER_WEIGHTS if base.get(w)]}; the "
+                            "baseline trains without SimReg and JREG")
     train_argv = mapping_to_argv(train, f"{where}: train")
     data_argv = mapping_to_argv({k: v for k, v in data.items() if k not in BUDGET_KEYS}, "data")
     # Seed-major order: after each seed the grid holds a complete comparison, if it stops there.
@@ -218,6 +245,46 @@ def load_grid(path: str) -> Grid:
                 argv = train_argv + data_argv + model_argv + method_argv + weights + ["--seed", str(seed)]
                 grid.runs.append(_make_run(model, method, seed, argv, budgets[model], where))
     return grid
+
+
+def expand_sweeps(methods: Dict[str, dict], where: str) -> Tuple[Dict[str, dict], Dict[str, dict]]:
+    """``methods`` with each swept method replaced, in place, by its variants; and :attr:`Grid.sweeps`."""
+    out: Dict[str, dict] = {}
+    sweeps: Dict[str, dict] = {}
+    for method, flags in methods.items():
+        swept = {k: _sweep_values(v, f"{where}: {method}: {k}") for k, v in flags.items() if isinstance(v, list)}
+        if not swept:
+            out[method] = flags
+            continue
+        for combo in itertools.product(*swept.values()):
+            values = dict(zip(swept, combo))
+            name = "_".join([method] + [f"{k}-{_name_token(v, f'{where}: {method}: {k}')}" for k, v in values.items()])
+            if name in out or name in methods:
+                raise GridError(f"{where}: {method}: the sweep's method {name!r} is named twice (a repeated value, "
+                                "or another method of that name)")
+            out[name] = {**flags, **values}
+            sweeps[name] = {"method": method, "values": values}
+    return out, sweeps
+
+
+def _sweep_values(values: list, where: str) -> list:
+    if not values:
+        raise GridError(f"{where}: an empty sweep; list at least one value")
+    bad = [v for v in values if isinstance(v, (list, dict))]
+    if bad:
+        raise GridError(f"{where}: a sweep lists scalar values (numbers, strings, true/false), got {bad[0]!r}; a flag "
+                        "that takes several values goes under train: or the model")
+    return values
+
+
+def _name_token(value, where: str) -> str:
+    """A swept value as part of a method name: ``0.03`` -> ``0p03``, ``-1`` -> ``m1``, ``true`` -> ``true``."""
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    token = re.sub(r"^-", "m", text.replace(".", "p"))
+    if not _NAME.match(token):
+        raise GridError(f"{where}: the value {value!r} cannot be part of a run name (letters, digits, '.', '_', '-' "
+                        "and '+' only)")
+    return token
 
 
 def _make_run(model: str, method: str, seed: int, argv: List[str], budget: dict, where: str) -> Run:

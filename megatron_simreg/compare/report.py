@@ -33,7 +33,8 @@ def write_results(out: str, grid: Grid, runs: Dict[str, dict], summary: dict, mi
                   contamination: Optional[dict] = None) -> str:
     path = os.path.join(out, "results.json")
     data = {"grid": grid.path, "seeds": grid.seeds, "models": list(grid.models), "methods": list(grid.methods),
-            "unfinished_runs": missing, "contamination": contamination, "runs": runs, "summary": summary}
+            "sweeps": grid.sweeps, "unfinished_runs": missing, "contamination": contamination, "runs": runs,
+            "summary": summary}
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
     os.replace(path + ".tmp", path)
@@ -47,6 +48,7 @@ def write_report(out: str, grid: Grid, summary: dict, missing: List[str], contam
         lines += [f"**Unfinished runs, left out below:** {', '.join(missing)}.", ""]
     lines += _contamination_lines(contamination)
     lines += ["## Convergence", ""]
+    lines += _baseline_lines(grid, summary)
     rows = []
     for model, methods in summary.items():
         for method, agg in methods.items():
@@ -54,12 +56,13 @@ def write_report(out: str, grid: Grid, summary: dict, missing: List[str], contam
             rows.append([model, method, str(len(agg["seeds"])), _ms(agg["final_val_loss"]),
                          _ms(agg["final_val_loss_se"]) if agg["final_val_loss_se"]["n"] else "not measured",
                          _ms(agg.get("tokens_to_target"), "{:,.0f}"), reached,
-                         "–" if method == "baseline" else _ms(agg.get("speedup"), "{:+.1f}", pct=True)])
+                         "–" if _is_reference(method, agg) else _ms(agg.get("speedup"), "{:+.1f}", pct=True)])
     lines += _table(["model", "method", "seeds", "final val loss", "final val loss SE", "tokens to target", "reached",
                      "speed-up"], rows)
     lines += _paired_section(summary)
     for model in summary:
         lines += [f"![validation loss, {model}](val_loss_{model}.png)", ""]
+    lines += _sensitivity_section(summary)
 
     tasks = next((list(a["zero_shot"]) for m in summary.values() for a in m.values() if "zero_shot" in a), None)
     if tasks:
@@ -133,6 +136,64 @@ def _paired_section(summary: dict) -> List[str]:
             *(f"- {model} / {method}: {agg['claim']}" for model, method, agg in paired), ""]
 
 
+def _is_reference(method: str, agg: dict) -> bool:
+    """Whether ``method`` is the baseline the others are measured against (the tuned one, when swept)."""
+    return method == agg.get("baseline", "baseline")
+
+
+def _reference(methods: dict) -> Optional[str]:
+    """One model's baseline the others are measured against (``None``: no baseline run finished)."""
+    return next(iter(methods.values())).get("baseline", "baseline")
+
+
+def _baseline_lines(grid: Grid, summary: dict) -> List[str]:
+    """Which baseline variant each model's methods are measured against, when the baseline is swept."""
+    if len(grid.baselines) < 2:
+        return []
+    tuned = {model: _reference(methods) for model, methods in summary.items()}
+    return [f"The baseline is swept ({len(grid.baselines)} variants); each method is measured against the *tuned "
+            "baseline*, the variant with the lowest mean final validation loss over the seeds that every variant "
+            "finished:", "",
+            *(f"- {model}: `{name}` (`{' '.join(grid.methods[name]) or 'no flags'}`)" if name else
+              f"- {model}: no baseline variant finished" for model, name in tuned.items()), ""]
+
+
+def _sweep_groups(methods: dict) -> Dict[str, List[tuple]]:
+    """``{method in the grid file: [(swept method, aggregate), ...]}`` for one model's swept methods."""
+    groups: Dict[str, List[tuple]] = {}
+    for method, agg in methods.items():
+        if "sweep" in agg:
+            groups.setdefault(agg["sweep"]["method"], []).append((method, agg))
+    return groups
+
+
+def _sensitivity_section(summary: dict) -> List[str]:
+    """Per swept method: its values -> final val loss and speed-up, a table and the plot."""
+    lines = []
+    for model, methods in summary.items():
+        for origin, variants in _sweep_groups(methods).items():
+            flags = list(variants[0][1]["sweep"]["values"])
+            level = next((f"{a['speedup_ci']['confidence']:.0%} " for _, a in variants if "speedup_ci" in a), "")
+            rows = [[*(str(agg["sweep"]["values"][f]) for f in flags), str(len(agg["seeds"])),
+                     _ms(agg["final_val_loss"]), _sensitivity_speedup(method, agg)] for method, agg in variants]
+            lines += [f"### Sensitivity: {model} / {origin}", "",
+                      *_table([*flags, "seeds", "final val loss", f"speed-up [{level}CI]"], rows),
+                      f"![sensitivity, {model} / {origin}]({_sensitivity_png(model, origin)})", ""]
+    return (["## Sensitivity", "", "Each swept method's values against its final validation loss (mean ± std over "
+             "seeds) and its speed-up over the baseline (mean [CI] over the paired seeds).", ""] + lines
+            if lines else [])
+
+
+def _sensitivity_speedup(method: str, agg: dict) -> str:
+    if _is_reference(method, agg):
+        return "– (tuned baseline)"
+    return _speedup_cell(agg) if "speedup_ci" in agg else "–"
+
+
+def _sensitivity_png(model: str, origin: str) -> str:
+    return f"sensitivity_{model}_{origin}.png"
+
+
 def _speedup_cell(agg: dict) -> str:
     """The speed-up's mean [CI], with its own ``n`` where some seeds never reached the target."""
     ci = agg["speedup_ci"]
@@ -155,11 +216,12 @@ def write_plots(out: str, summary: dict) -> List[str]:
     paths = []
     for model, methods in summary.items():
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        base = methods.get("baseline")
+        reference = _reference(methods)
+        base = methods.get(reference)
         for i, (method, agg) in enumerate(methods.items()):
             c = agg["curve"]
             label = method
-            if method != "baseline" and agg.get("speedup", {}).get("mean") is not None:
+            if not _is_reference(method, agg) and agg.get("speedup", {}).get("mean") is not None:
                 label += f" (speed-up {_ms(agg['speedup'], '{:+.1f}', pct=True)})"
             ax.plot(c["tokens"], c["mean"], marker="o", markersize=2.5, color=f"C{i}", label=label)
             if c["std"]:
@@ -167,14 +229,16 @@ def write_plots(out: str, summary: dict) -> List[str]:
                 hi = [m + s for m, s in zip(c["mean"], c["std"])]
                 ax.fill_between(c["tokens"], lo, hi, color=f"C{i}", alpha=0.2, linewidth=0)
             t = agg.get("tokens_to_target", {}).get("mean")
-            if t is not None and method != "baseline":
+            if t is not None and not _is_reference(method, agg):
                 ax.axvline(t, color=f"C{i}", linestyle="--", linewidth=1)
         if base and "target" in base:
             ax.axhline(base["target"]["mean"], color="gray", linestyle=":", linewidth=1,
-                       label="baseline smoothed final (target)")
+                       label=f"{reference} smoothed final (target)")
         ax.set(xlabel="tokens", ylabel="validation loss", title=f"{model}: validation loss (mean ± std over seeds)")
         ax.legend(fontsize=8)
         paths.append(_save(fig, out, f"val_loss_{model}.png"))
+        paths += [_sensitivity_plot(plt, out, model, origin, variants)
+                  for origin, variants in _sweep_groups(methods).items()]
 
         analysed = {m: a["analysis"] for m, a in methods.items() if "analysis" in a}
         if not analysed:
@@ -205,6 +269,61 @@ def write_plots(out: str, summary: dict) -> List[str]:
         ax.legend(fontsize=8)
         paths.append(_save(fig, out, f"margins_{model}.png"))
     return paths
+
+
+def _sensitivity_plot(plt, out: str, model: str, origin: str, variants: List[tuple]) -> str:
+    """Final val loss (mean ± std) and speed-up (mean and CI) against the first swept flag, one line per value of
+    the others; a log x axis when the values are positive numbers spanning more than 10x."""
+    flags = list(variants[0][1]["sweep"]["values"])
+    values = [agg["sweep"]["values"][flags[0]] for _, agg in variants]
+    xs = [_number(v) for v in values]
+    ticks = None
+    if None in xs:  # not all numbers: evenly spaced, in the listed order
+        ticks = list(dict.fromkeys(map(str, values)))
+        xs = [ticks.index(str(v)) for v in values]
+    lines: Dict[str, List[tuple]] = {}
+    for x, (_, agg) in zip(xs, variants):
+        label = ", ".join(f"{f}={agg['sweep']['values'][f]}" for f in flags[1:]) or origin
+        lines.setdefault(label, []).append((x, agg))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (label, points) in enumerate(lines.items()):
+        points.sort(key=lambda p: p[0])
+        for ax, (ys, errs) in zip(axes, _panels([a for _, a in points])):
+            ax.errorbar([x for x, _ in points], ys, yerr=errs, marker="o", capsize=3, color=f"C{i}", label=label)
+    log = ticks is None and min(xs) > 0 and max(xs) > 10 * min(xs)
+    for ax, ylabel in zip(axes, ("final validation loss (mean ± std)", "speed-up, % (mean and CI)")):
+        ax.set(xlabel=flags[0], ylabel=ylabel, xscale="log" if log else "linear")
+        if ticks is not None:
+            ax.set_xticks(range(len(ticks)), ticks)
+    axes[1].axhline(0.0, color="gray", linestyle=":", linewidth=1)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{model}: sensitivity of {origin}")
+    return _save(fig, out, _sensitivity_png(model, origin))
+
+
+def _panels(aggs: List[dict]) -> List[tuple]:
+    """The sensitivity plot's two panels, ``(y values, error bars)`` each: final val loss ± std; speed-up (%) and
+    its CI (none where there is no interval)."""
+    loss = [a["final_val_loss"] for a in aggs]
+    cis = [a.get("speedup_ci") or {} for a in aggs]
+    speedups = [100 * _nan(a.get("speedup", {}).get("mean")) for a in aggs]
+    below = [y - 100 * ci["low"] if ci.get("low") is not None else 0.0 for y, ci in zip(speedups, cis)]
+    above = [100 * ci["high"] - y if ci.get("high") is not None else 0.0 for y, ci in zip(speedups, cis)]
+    return [([_nan(s["mean"]) for s in loss], [s["std"] or 0.0 for s in loss]), (speedups, [below, above])]
+
+
+def _nan(value: Optional[float]) -> float:
+    return float("nan") if value is None else value
+
+
+def _number(value) -> Optional[float]:
+    """A swept value as a number (``"1e-3"`` included: YAML reads it as a string), ``None`` if it is not one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _save(fig, out: str, name: str) -> str:

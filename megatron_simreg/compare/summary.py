@@ -6,6 +6,9 @@ Definitions:
   evaluations over the 2 there are; :func:`~megatron_simreg.analysis.convergence.smooth`), so that one noisy
   evaluation cannot decide where a curve crosses the target. Not a running minimum, which keeps every noise dip;
 - *target*: the smoothed final validation loss of the baseline run with the same model and seed;
+- *tuned baseline*: where the grid sweeps the baseline, the variant with the lowest mean final validation loss
+  over the seeds that every variant finished (per model); "the baseline" is then that variant, every method is
+  paired with it, and picking the best of several is, if anything, in the baseline's favour;
 - *tokens-to-target*: the tokens at which a run's smoothed curve first reaches the target, linearly
   interpolated between the two evaluations that bracket the crossing
   (:func:`~megatron_simreg.analysis.convergence.tokens_to_target`); the baseline's own is where its smoothed
@@ -25,7 +28,7 @@ Definitions:
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..analysis.convergence import loss_at, smooth, speedup, tokens_to_target
 from .grid import Grid
@@ -38,17 +41,18 @@ ANALYSIS_SCALARS = ("intra_cos", "inter_cos", "margin_mean", "margin_median", "m
 def per_run(grid: Grid, evals: Dict[str, dict]) -> Dict[str, dict]:
     """``{run name: numbers}`` for every evaluated run (runs whose baseline is not evaluated lack the speed-up)."""
     out = {}
+    tuned = tuned_baselines(grid, {name: ev["val_loss"][-1] for name, ev in evals.items() if ev["val_loss"]})
     for run in grid.runs:
         ev = evals.get(run.name)
         if ev is None or not ev["val_loss"]:
             continue
-        base = evals.get(grid.run(run.model, "baseline", run.seed).name)
+        base = evals.get(grid.run(run.model, tuned[run.model], run.seed).name) if run.model in tuned else None
         se = ev.get("val_loss_se")
         row = {"model": run.model, "method": run.method, "seed": run.seed, "iteration": ev["iteration"],
                "tokens": ev["tokens"], "val_loss": ev["val_loss"], "final_val_loss": ev["val_loss"][-1],
                "final_val_loss_se": se[-1] if se else None}
         if base is not None and base["val_loss"]:
-            row.update(paired(ev, base))
+            row.update(paired(ev, base), baseline=tuned[run.model])
         if "zero_shot" in ev:
             row["zero_shot"] = {task: r["value"] for task, r in ev["zero_shot"].items()}
             row["zero_shot_avg"] = sum(row["zero_shot"].values()) / len(row["zero_shot"])
@@ -70,23 +74,47 @@ def paired(ev: dict, base: dict) -> dict:
             "loss_ratio_at_equal_tokens": None if at_base_end is None else at_base_end / base["val_loss"][-1]}
 
 
+def tuned_baselines(grid: Grid, final_losses: Dict[str, float]) -> Dict[str, str]:
+    """``{model: the tuned baseline's method name}`` from ``{run name: final val loss}`` (see the Definitions);
+    models without a finished baseline run are left out."""
+    tuned = {}
+    for model in grid.models:
+        finals = {m: {s: final_losses.get(grid.run(model, m, s).name) for s in grid.seeds} for m in grid.baselines}
+        common = [s for s in grid.seeds if all(f[s] is not None for f in finals.values())]
+        means = {m: _mean_over(f, common) for m, f in finals.items()}
+        means = {m: v for m, v in means.items() if v is not None}
+        if means:
+            tuned[model] = min(means, key=means.get)
+    return tuned
+
+
+def _mean_over(finals: Dict[int, Optional[float]], seeds: List[int]) -> Optional[float]:
+    """The mean over ``seeds``, or over the seeds that have a value when ``seeds`` is empty."""
+    values = [finals[s] for s in seeds] if seeds else [v for v in finals.values() if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def summarize(grid: Grid, runs: Dict[str, dict]) -> Dict[str, Dict[str, dict]]:
-    """``{model: {method: aggregate}}`` over the seeds that have results."""
+    """``{model: {method: aggregate}}`` over the seeds that have results; ``baseline`` names the (tuned)
+    baseline each aggregate is measured against, ``sweep`` a swept method's origin and values."""
     summary: Dict[str, Dict[str, dict]] = {}
+    tuned = tuned_baselines(grid, {name: r["final_val_loss"] for name, r in runs.items()})
     for model in grid.models:
         for method in grid.methods:
             rows = [runs[r.name] for r in grid.runs if (r.model, r.method) == (model, method) and r.name in runs]
             if not rows:
                 continue
-            agg = {"seeds": [r["seed"] for r in rows],
+            agg = {"seeds": [r["seed"] for r in rows], "baseline": tuned.get(model),
                    "final_val_loss": mean_std([r["final_val_loss"] for r in rows]),
                    "final_val_loss_se": mean_std([r["final_val_loss_se"] for r in rows])}
+            if method in grid.sweeps:
+                agg["sweep"] = grid.sweeps[method]
             if all("speedup" in r for r in rows):
                 agg["target"] = mean_std([r["target"] for r in rows])
                 agg["tokens_to_target"] = mean_std([r["tokens_to_target"] for r in rows])
                 agg["speedup"] = mean_std([r["speedup"] for r in rows])
                 agg["reached"] = sum(r["tokens_to_target"] is not None for r in rows)
-                if method != "baseline":
+                if method != tuned.get(model):
                     agg.update(_intervals(rows))
             if all("zero_shot" in r for r in rows):
                 tasks = list(rows[0]["zero_shot"])
