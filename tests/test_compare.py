@@ -230,7 +230,9 @@ def test_slurm_dry_run_is_one_job_array(tmp_path):
 
 def test_example_grids_are_valid():
     tiny = load_grid(os.path.join(ROOT, "examples", "compare_tiny.yaml"))
-    assert len(tiny.runs) == 2 * 4 * 2 and tiny.zero_shot_tasks
+    assert len(tiny.runs) == 2 * 4 * 3 and tiny.zero_shot_tasks
+    sweep = load_grid(os.path.join(ROOT, "examples", "compare_sweep.yaml"))
+    assert sweep.sweeps and len(sweep.runs) == len(sweep.methods) * len(sweep.models) * len(sweep.seeds)
     gpu = load_grid(os.path.join(ROOT, "examples", "compare_dense_moe_gpu.yaml"))
     assert {r.model for r in gpu.runs} == {"gpt-125m", "gpt-350m", "gpt-1p3b", "moe-8x"} and len(gpu.runs) == 48
     # per-model budgets: 2.5 B tokens of 256 x 2048 per iteration
