@@ -9,7 +9,9 @@ it into micro-batches.
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -79,12 +81,21 @@ def resolve_data(args, first=lambda fn: fn()):
     return [prefix], SENTENCEPIECE, model, cache
 
 
-def contamination_line(data_path, split: str) -> str:
-    """:func:`~..data.contamination.describe` of the data's held-out splits ."""
+def contamination_line(data_path, split: str, cache_file: Optional[str] = None) -> str:
+    """:func:`~..data.contamination.describe` of the data's held-out splits (kept in ``cache_file`` when given:
+    the default corpus's entry, so that each run does not recount it)."""
     from ..data.contamination import contamination, describe
     from ..data.datasets import parse_blend
 
-    return describe(contamination(parse_blend(data_path)[0], split))
+    if cache_file and os.path.isfile(cache_file):
+        with open(cache_file) as f:
+            return describe(json.load(f))
+    result = contamination(parse_blend(data_path)[0], split)
+    if cache_file:
+        with open(cache_file + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(cache_file + ".tmp", cache_file)
+    return describe(result)
 
 
 def build_datasets(args, gbs: int, train_samples: int):
@@ -103,7 +114,9 @@ def build_datasets(args, gbs: int, train_samples: int):
     if args.data_path:
         check_token_range(data_path, tokenizer, tok_type)  # data from another tokenizer: refused before training
     if (args.check_contamination or not args.data_path) and dist.get_rank() == 0:
-        print(contamination_line(data_path, args.split), flush=True)
+        cached = None if args.data_path else os.path.join(os.path.dirname(data_path[0]),
+                                                          f"contamination_{args.split.replace(',', '-')}.json")
+        print(contamination_line(data_path, args.split, cached), flush=True)
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
     num_samples = (train_samples, max(1, evals) * args.eval_iters * gbs, None)
     # collective: Megatron's builder lets rank 0 build the index caches first
