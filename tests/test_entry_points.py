@@ -29,6 +29,13 @@ def test_cli_demo_tiny(tmp_path):
     assert "report:" in out
 
 
+def test_demo_default_config_exists():
+    """tools/demo.sh runs the demo without --config: its default must be the shipped file."""
+    from megatron_simreg.commands import demo
+
+    assert demo.CONFIG.is_file() and demo.CONFIG.samefile(ROOT / "examples" / "configs" / "demo_cpu.yaml")
+
+
 def test_cli_without_command_prints_help():
     out = subprocess.run([sys.executable, "-m", "megatron_simreg.cli"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "demo" in out.stdout

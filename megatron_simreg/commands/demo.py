@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..analysis.convergence import read_metrics, validation_curve
 
-CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "demo_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "demo_cpu.yaml"  # the repository root
 METHODS = ("baseline", "simreg")
 
 
