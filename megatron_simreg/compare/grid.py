@@ -6,6 +6,7 @@
       config: examples/configs/demo_cpu.yaml
     data:           # the same data for every run, and the token budget
       tokens: 400000            # per run; sets --train-iters (or give train-iters)
+      # compute-multipliers: [1.25, 1.5]  # extra baselines at 1.25x and 1.5x the budget: see Compute multipliers
       data-path: null           # default: the package's default corpus (stdlib source, built once)
       # tokenizer-model: DIR    # with data-path; tokenizer-type: HuggingFaceTokenizer for a tokenizer.json dir
     models:         # name -> trainer flags (`config: FILE` replaces train's; `tokens`/`train-iters`: its own budget)
@@ -39,6 +40,17 @@ baseline*, per model: the baseline variant with the lowest mean final validation
 variant has finished (the first listed on a tie), paired by seed as usual. The other baseline variants are
 measured against it too. Other methods do not take the tuned baseline's flags: sweep them as well where they
 should.
+
+Compute multipliers: ``data: {compute-multipliers: [1.25, 1.5]}`` (optional; numbers > 1, no repeats) adds, per
+model and seed and multiplier ``m``, a *budget baseline*: the baseline's run with ``--train-iters`` = the model's
+iterations x ``m``, rounded up, and every other flag unchanged. Its learning-rate schedule is its own and complete:
+the decay spans ``--train-iters`` (the trainer has no separate decay length), and ``--lr-warmup-iters``, an
+iteration count (there is no warmup fraction), stays as given. It is named ``baseline_x<m>`` (``baseline_x1p25``;
+run ``dense.baseline_x1p25.s1``), listed in :attr:`Grid.budget_baselines`, trained and evaluated with the grid's
+runs (:attr:`Grid.runs`), but it is not a method: not in :attr:`Grid.methods`, never the tuned baseline, not
+measured by tokens-to-target. The summary uses the budget baselines' final losses for each method's *effective
+compute multiplier*. A swept baseline cannot have them (which variant would be trained longer is only known after
+the grid has run).
 """
 
 from __future__ import annotations
@@ -54,7 +66,8 @@ from typing import Dict, List, Optional, Tuple
 
 TOP_KEYS = {"train", "data", "models", "methods", "seeds", "evaluation"}
 BUDGET_KEYS = ("tokens", "train-iters")
-DATA_KEYS = {"tokens", "train-iters", "data-path", "tokenizer-model", "tokenizer-type", "split",
+MULTIPLIER_KEY = "compute-multipliers"
+DATA_KEYS = {"tokens", "train-iters", MULTIPLIER_KEY, "data-path", "tokenizer-model", "tokenizer-type", "split",
              "data-cache-path"}
 EVAL_KEYS = {"zero-shot", "analysis"}
 ZERO_SHOT_KEYS = {"tasks", "limit", "batch-size"}
@@ -97,6 +110,8 @@ class Grid:
     data: Dict[str, object] = field(default_factory=dict)
     # A swept method's name -> {"method": the name in the grid file, "values": {flag: this method's value}}
     sweeps: Dict[str, dict] = field(default_factory=dict)
+    # A budget baseline's method name -> its multiplier of the model's budget, e.g. {"baseline_x1p25": 1.25}
+    budget_baselines: Dict[str, float] = field(default_factory=dict)
 
     def run(self, model: str, method: str, seed: int) -> Run:
         return next(r for r in self.runs if (r.model, r.method, r.seed) == (model, method, seed))
@@ -236,15 +251,48 @@ def load_grid(path: str) -> Grid:
             raise GridError(f"{where}: methods: {name} sets {[w for w in REGULARIZER_WEIGHTS if base.get(w)]}; the "
                             "baseline trains without SimReg and JREG")
     train_argv = mapping_to_argv(train, f"{where}: train")
-    data_argv = mapping_to_argv({k: v for k, v in data.items() if k not in BUDGET_KEYS}, "data")
+    grid.budget_baselines = budget_baselines(data.get(MULTIPLIER_KEY), grid, f"{where}: data: {MULTIPLIER_KEY}")
+    data_argv = mapping_to_argv({k: v for k, v in data.items() if k not in (*BUDGET_KEYS, MULTIPLIER_KEY)}, "data")
     # Seed-major order: after each seed the grid holds a complete comparison, if it stops there.
     for seed in seeds:
         for model, model_argv in grid.models.items():
+            argvs = {}
             for method, method_argv in grid.methods.items():
                 weights = [a for w in REGULARIZER_WEIGHTS if w not in methods[method] for a in ("--" + w, "0")]
-                argv = train_argv + data_argv + model_argv + method_argv + weights + ["--seed", str(seed)]
-                grid.runs.append(_make_run(model, method, seed, argv, budgets[model], where))
+                argvs[method] = train_argv + data_argv + model_argv + method_argv + weights + ["--seed", str(seed)]
+                grid.runs.append(_make_run(model, method, seed, argvs[method], budgets[model], where))
+            for name, m in grid.budget_baselines.items():  # the baseline's flags, a longer run
+                iters = _scaled_iters(grid.run(model, "baseline", seed).train_iters, m)
+                grid.runs.append(_make_run(model, name, seed, argvs["baseline"], {"train-iters": iters}, where))
     return grid
+
+
+def budget_baselines(value, grid: Grid, where: str) -> Dict[str, float]:
+    """:attr:`Grid.budget_baselines` from ``data: compute-multipliers`` (``None``: none)."""
+    if value is None:
+        return {}
+    if not isinstance(value, list) or not value:
+        raise GridError(f"{where}: expected a non-empty list of numbers > 1, e.g. [1.25, 1.5], got {value!r}")
+    bad = [m for m in value if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
+           or m <= 1]
+    if bad:
+        raise GridError(f"{where}: {bad[0]!r} is not a number > 1 (a multiple of the baseline's budget)")
+    if len(set(value)) != len(value):
+        raise GridError(f"{where}: {value} repeats a multiplier")
+    if grid.baselines != ["baseline"]:
+        raise GridError(f"{where}: the baseline is swept; budget baselines need one baseline (which variant to train "
+                        "longer is only known after the grid has run): fix its flags, or drop the multipliers")
+    names = {f"baseline_x{_name_token(m, where)}": float(m) for m in sorted(value)}
+    clash = sorted(set(names) & set(grid.methods))
+    if clash:
+        raise GridError(f"{where}: a method is named {clash[0]!r}, the name of a budget baseline; rename it")
+    return names
+
+
+def _scaled_iters(iters: int, multiplier: float) -> int:
+    """``ceil(iters x multiplier)``, rounded first so that float error (``100 * 1.1 = 110.00000000000001``) does
+    not add an iteration."""
+    return math.ceil(round(iters * multiplier, 9))
 
 
 def expand_sweeps(methods: Dict[str, dict], where: str) -> Tuple[Dict[str, dict], Dict[str, dict]]:

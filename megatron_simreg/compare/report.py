@@ -33,7 +33,7 @@ def write_results(out: str, grid: Grid, runs: Dict[str, dict], summary: dict, mi
                   contamination: Optional[dict] = None) -> str:
     path = os.path.join(out, "results.json")
     data = {"grid": grid.path, "seeds": grid.seeds, "models": list(grid.models), "methods": list(grid.methods),
-            "sweeps": grid.sweeps, "unfinished_runs": missing, "contamination": contamination, "runs": runs,
+            "sweeps": grid.sweeps, "budget_baselines": grid.budget_baselines, "unfinished_runs": missing, "contamination": contamination, "runs": runs,
             "summary": summary}
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
@@ -62,6 +62,7 @@ def write_report(out: str, grid: Grid, summary: dict, missing: List[str], contam
     lines += _paired_section(summary)
     for model in summary:
         lines += [f"![validation loss, {model}](val_loss_{model}.png)", ""]
+    lines += _multiplier_section(grid, summary)
     lines += _sensitivity_section(summary)
 
     tasks = next((list(a["zero_shot"]) for m in summary.values() for a in m.values() if "zero_shot" in a), None)
@@ -134,6 +135,38 @@ def _paired_section(summary: dict) -> List[str]:
             *_table(["model", "method", "n", f"speed-up [{level} CI]", f"final-loss diff [{level} CI]",
                      f"loss ratio at equal tokens [{level} CI]"], rows),
             *(f"- {model} / {method}: {agg['claim']}" for model, method, agg in paired), ""]
+
+
+def _multiplier_section(grid: Grid, summary: dict) -> List[str]:
+    """The effective compute multiplier per method, and the budget baselines' final losses behind it."""
+    if not grid.budget_baselines:
+        return []
+    budgets = [(model, agg) for model, methods in summary.items() for agg in methods.values()
+               if "budget_baselines" in agg]
+    rows = [[model, method, f"{a['multiplier']:g}x", f"{a['train_iters']:,}", str(len(a["seeds"])),
+             _ms(a["final_val_loss"])]
+            for model, agg in budgets
+            for method, a in [(agg["baseline"], {**agg, "multiplier": 1.0,
+                                                 "train_iters": grid.run(model, agg["baseline"], grid.seeds[0])
+                                                 .train_iters}),
+                              *agg["budget_baselines"].items()]]
+    methods = [(model, method, agg) for model, ms in summary.items() for method, agg in ms.items()
+               if "compute_multiplier_ci" in agg]
+    level = f"{methods[0][2]['compute_multiplier_ci']['confidence']:.0%} " if methods else ""
+    table = [[model, method, format_interval(agg["compute_multiplier_ci"], "{:.3f}"),
+              f"{agg['compute_multiplier_ci']['n']}/{len(agg['seeds'])}",
+              "; ".join(f"{k} {note}" for note, k in agg["compute_multiplier_notes"].items()) or "–"]
+             for model, method, agg in methods]
+    return ["## Effective compute multiplier", "",
+            "The budget multiple at which the baseline, trained with its own full learning-rate schedule to that "
+            "budget, ends at the method's final validation loss: 1.25 means the method's loss costs the baseline "
+            "25% more compute. Per seed, interpolated linearly between the two budgets whose final losses bracket "
+            "the method's; unlike tokens-to-target, it does not compare the method with a baseline that is still "
+            "annealing. Seeds whose loss no budget brackets are counted, not averaged.", "",
+            *_table(["model", "method", f"multiplier [{level}CI]", "seeds in range", "out of range"], table),
+            *(f"- {model} / {method}: {agg['compute_multiplier_claim']}" for model, method, agg in methods), "",
+            "Final validation loss of the baseline at each budget (mean ± std over seeds):", "",
+            *_table(["model", "baseline", "budget", "iterations", "seeds", "final val loss"], rows)]
 
 
 def _is_reference(method: str, agg: dict) -> bool:

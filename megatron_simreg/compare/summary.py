@@ -23,12 +23,22 @@ Definitions:
 - *final val loss SE*: the standard error of a run's final validation loss over its evaluation batches, where
   the trainer recorded one (``val_loss_se``), averaged over seeds; set it against the std over seeds to see how
   much of the seed-to-seed spread is evaluation noise. "not measured" where no evaluation recorded it;
+- *effective compute multiplier* (grids with ``compute-multipliers``): the multiple of the budget at which a
+  baseline trained with its own full schedule would end at the method's final validation loss. Per seed, the
+  baseline's final validation losses at multipliers 1 (the baseline run) and each budget baseline's (same seed,
+  in increasing multiplier) are interpolated linearly, multiplier against final loss, between the first two
+  consecutive budgets whose losses bracket the method's (the loss should fall with the budget; where it does not,
+  the first bracketing pair decides). A method's loss above every budget's has none ("worse than the baseline at
+  equal budget"), below every budget's none either ("beyond the largest budget"); the mean and interval (null
+  1: equal compute) are over the seeds that have one. Against a baseline whose cosine schedule ends at the
+  budget, tokens-to-target flatters a method (the baseline only reaches its final loss while annealing); this
+  figure does not;
 - mean ± std over seeds uses the sample standard deviation (``n - 1``); with one seed there is no std.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..analysis.convergence import loss_at, smooth, speedup, tokens_to_target
 from .grid import Grid
@@ -41,7 +51,8 @@ ANALYSIS_SCALARS = ("intra_cos", "inter_cos", "margin_mean", "margin_median", "m
 def per_run(grid: Grid, evals: Dict[str, dict]) -> Dict[str, dict]:
     """``{run name: numbers}`` for every evaluated run (runs whose baseline is not evaluated lack the speed-up)."""
     out = {}
-    tuned = tuned_baselines(grid, {name: ev["val_loss"][-1] for name, ev in evals.items() if ev["val_loss"]})
+    finals = {name: ev["val_loss"][-1] for name, ev in evals.items() if ev["val_loss"]}
+    tuned = tuned_baselines(grid, finals)
     for run in grid.runs:
         ev = evals.get(run.name)
         if ev is None or not ev["val_loss"]:
@@ -53,6 +64,8 @@ def per_run(grid: Grid, evals: Dict[str, dict]) -> Dict[str, dict]:
                "final_val_loss_se": se[-1] if se else None}
         if base is not None and base["val_loss"]:
             row.update(paired(ev, base), baseline=tuned[run.model])
+            if grid.budget_baselines and run.method not in grid.baselines and run.method in grid.methods:
+                row.update(compute_multiplier(budget_points(grid, finals, run.model, run.seed), row["final_val_loss"]))
         if "zero_shot" in ev:
             row["zero_shot"] = {task: r["value"] for task, r in ev["zero_shot"].items()}
             row["zero_shot_avg"] = sum(row["zero_shot"].values()) / len(row["zero_shot"])
@@ -72,6 +85,28 @@ def paired(ev: dict, base: dict) -> dict:
     return {"target": target, "tokens_to_target": t_run, "baseline_tokens_to_target": t_base,
             "speedup": speedup(t_run, t_base), "final_loss_diff": ev["val_loss"][-1] - base["val_loss"][-1],
             "loss_ratio_at_equal_tokens": None if at_base_end is None else at_base_end / base["val_loss"][-1]}
+
+
+def budget_points(grid: Grid, finals: Dict[str, float], model: str, seed: int) -> List[Tuple[float, float]]:
+    """``[(multiplier, final val loss)]`` of the baseline (1.0) and each budget baseline of ``model`` and ``seed``,
+    in increasing multiplier, from ``{run name: final val loss}``; empty when one of them has not finished."""
+    names = {1.0: "baseline", **{m: name for name, m in grid.budget_baselines.items()}}
+    points = [(m, finals.get(grid.run(model, name, seed).name)) for m, name in sorted(names.items())]
+    return points if all(loss is not None for _, loss in points) else []
+
+
+def compute_multiplier(points: Sequence[Tuple[float, float]], loss: float) -> dict:
+    """``{"compute_multiplier": m or None, "compute_multiplier_note": None or why not}`` for a run ending at
+    ``loss``, from :func:`budget_points` (see the Definitions)."""
+    if not points:
+        return {"compute_multiplier": None, "compute_multiplier_note": "budget baselines unfinished"}
+    for (m0, l0), (m1, l1) in zip(points, points[1:]):
+        if min(l0, l1) <= loss <= max(l0, l1):
+            m = m0 if l0 == l1 else m0 + (m1 - m0) * (l0 - loss) / (l0 - l1)
+            return {"compute_multiplier": m, "compute_multiplier_note": None}
+    note = ("worse than the baseline at equal budget" if loss > points[0][1]
+            else f"beyond the largest budget (> {points[-1][0]:g}x)")
+    return {"compute_multiplier": None, "compute_multiplier_note": note}
 
 
 def tuned_baselines(grid: Grid, final_losses: Dict[str, float]) -> Dict[str, str]:
@@ -116,6 +151,10 @@ def summarize(grid: Grid, runs: Dict[str, dict]) -> Dict[str, Dict[str, dict]]:
                 agg["reached"] = sum(r["tokens_to_target"] is not None for r in rows)
                 if method != tuned.get(model):
                     agg.update(_intervals(rows))
+            if all("compute_multiplier" in r for r in rows):
+                agg.update(_multiplier(rows))
+            if grid.budget_baselines and method == tuned.get(model):
+                agg["budget_baselines"] = _budget_aggregates(grid, runs, model)
             if all("zero_shot" in r for r in rows):
                 tasks = list(rows[0]["zero_shot"])
                 agg["zero_shot"] = {t: mean_std([r["zero_shot"][t] for r in rows]) for t in tasks}
@@ -139,6 +178,32 @@ def _intervals(rows: List[dict]) -> dict:
             _claim("speed-up", out["speedup_ci"], len(rows), "{:+.1f}", pct=True,
                    missing="the others never reached the target"),
             _claim("final-loss difference", out["final_loss_diff_ci"], len(rows), "{:+.4f}")])
+    return out
+
+
+def _multiplier(rows: List[dict]) -> dict:
+    """A method's effective compute multiplier over seeds: mean ± std, its interval (null 1), the count of each
+    reason a seed has none, and its claim."""
+    values = [r["compute_multiplier"] for r in rows]
+    notes: Dict[str, int] = {}
+    for r in rows:
+        if r["compute_multiplier_note"]:
+            notes[r["compute_multiplier_note"]] = notes.get(r["compute_multiplier_note"], 0) + 1
+    ci = paired_interval(values, null=1.0)
+    missing = ", ".join(f"{k} {note}" for note, k in notes.items())
+    return {"compute_multiplier": mean_std(values), "compute_multiplier_ci": ci, "compute_multiplier_notes": notes,
+            "compute_multiplier_claim": _claim("effective compute multiplier", ci, len(rows), "{:.3f}",
+                                               missing=missing)}
+
+
+def _budget_aggregates(grid: Grid, runs: Dict[str, dict], model: str) -> Dict[str, dict]:
+    """``{budget baseline: {"multiplier", "train_iters", "seeds", "final_val_loss"}}`` of ``model``, over its
+    finished seeds."""
+    out = {}
+    for name, m in grid.budget_baselines.items():
+        rows = [runs[r.name] for r in grid.runs if (r.model, r.method) == (model, name) and r.name in runs]
+        out[name] = {"multiplier": m, "train_iters": grid.run(model, name, grid.seeds[0]).train_iters,
+                     "seeds": [r["seed"] for r in rows], "final_val_loss": mean_std([r["final_val_loss"] for r in rows])}
     return out
 
 
