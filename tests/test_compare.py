@@ -153,7 +153,7 @@ def tiny_grid(tmp_path_factory):
     """The reduced tiny grid: dense, baseline vs SimReg, two seeds, with zero-shot and hidden-state analysis."""
     d = tmp_path_factory.mktemp("compare")
     cache = str(d / "cache")
-    path = grid_yaml(d, data={"train-iters": 12, "data-cache-path": cache},
+    path = grid_yaml(d, train={**TRAIN, "eval-iters": 2}, data={"train-iters": 12, "data-cache-path": cache},
                      evaluation={"zero-shot": {"tasks": ["pycode_next_line"], "limit": 16, "batch-size": 16},
                                  "analysis": {"sequences": 4}})
     out = cli("compare", "--grid", path, "--out", str(d / "out"))
@@ -174,6 +174,13 @@ def test_tiny_grid_end_to_end(tiny_grid):
         assert len(an["layer_distances"]) == 2 and an["jump_strength"] > 0
         assert -1.0 <= an["inter_cos"] <= 1.0 and -1.0 <= an["intra_cos"] <= 1.0
         assert (d / "out" / "runs" / name / "hf" / "config.json").is_file()
+    for seed in (1, 2):  # the paired difference's validation noise, from the final evaluation's 2 batches each
+        run, base = (json.load(open(d / "out" / "runs" / f"dense.{m}.s{seed}" / "eval.json"))
+                     for m in ("simreg", "baseline"))
+        assert len(run["final_val_batch_losses"]) == len(base["final_val_batch_losses"]) == 2
+        se = res["runs"][f"dense.simreg.s{seed}"]["final_loss_diff_se"]
+        assert se > 0 and se == pytest.approx(summary.difference_se(run["final_val_batch_losses"],
+                                                                    base["final_val_batch_losses"]))
     text = (d / "out" / "report.md").read_text()
     for section in ("## Convergence", "## Zero-shot accuracy", "## Representations", "## Layer jumps"):
         assert section in text

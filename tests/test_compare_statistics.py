@@ -111,6 +111,8 @@ def test_one_noisy_dip_does_not_move_tokens_to_target():
 # ----------------------------------------------------------------------------- summary and report
 
 CROSSINGS = [300.0, 320.0, 280.0, 310.0, 290.0]  # where each seed's method curve reaches the target
+BATCHES = [-0.2, 0.1, 0.3, -0.2]  # the final evaluation's per-batch deviations, shared by the runs of a seed
+BATCH_NOISE = [0.01, -0.01, 0.02, -0.02]  # the method's own per-batch deviations: SE sqrt(0.001 / 3) / 2
 
 
 def _linear_evals(seeds, se=None):
@@ -126,6 +128,9 @@ def _linear_evals(seeds, se=None):
             ev = {"iteration": 5, "tokens": tokens, "val_loss": [5.0 - slope * t for t in tokens]}
             if se is not None:
                 ev["val_loss_se"] = [se] * len(tokens)
+                shift = 0.0 if method == "baseline" else ev["val_loss"][-1] - 3.0
+                ev["final_val_batch_losses"] = [3.0 + b + shift + (0.0 if method == "baseline" else n)
+                                                for b, n in zip(BATCHES, BATCH_NOISE)]
             evals[f"dense.{method}.s{seed}"] = ev
     return evals
 
@@ -141,6 +146,7 @@ def test_summary_gives_paired_intervals_and_a_claim(tmp_path):
         assert r["final_loss_diff"] == pytest.approx((5.0 - 900 / c) - 3.0)
         assert r["loss_ratio_at_equal_tokens"] == pytest.approx((5.0 - 900 / c) / 3.0)
         assert r["final_val_loss_se"] == 0.01
+        assert r["final_loss_diff_se"] == pytest.approx(math.sqrt(0.001 / 3) / 2)
     agg = summary.summarize(g, runs)["dense"]
     assert "claim" not in agg["baseline"] and "speedup_ci" not in agg["baseline"]
     sp = agg["simreg"]["speedup_ci"]  # speed-ups 0.40, 0.36, 0.44, 0.38, 0.42: std sqrt(0.004 / 4)
@@ -164,7 +170,8 @@ def test_summary_gives_paired_intervals_and_a_claim(tmp_path):
     text = open(report.write_report(str(out), g, summary.summarize(g, runs), [])).read()
     assert "### Paired differences vs baseline" in text and "t-interval over the paired seeds" in text
     assert "With fewer than 3 seeds no interval is given and no claim is made" in text
-    row = (f"| dense | simreg | 5 | +40.0% [+36.1%, +43.9%] | {statistics.format_interval(fl)} | "
+    assert agg["simreg"]["final_loss_diff_se"]["mean"] == pytest.approx(math.sqrt(0.001 / 3) / 2)
+    row = (f"| dense | simreg | 5 | +40.0% [+36.1%, +43.9%] | {statistics.format_interval(fl)} | 0.0091 ± 0.0000 | "
            f"{statistics.format_interval(ratio, '{:.4f}')} |")
     assert row in text
     assert f"- dense / simreg: {agg['simreg']['claim']}" in text
@@ -198,5 +205,7 @@ def test_some_seeds_never_reach_the_target_and_two_seeds_make_no_claim(tmp_path)
     out.mkdir()
     text = open(report.write_report(str(out), two, agg, [])).read()
     assert "| dense | simreg | 2 | +38.0% | " in text  # the mean alone, no interval
+    assert runs["dense.simreg.s1"]["final_loss_diff_se"] is None  # no batches recorded
+    assert "| not measured |" in text
     assert "- dense / simreg: n=2: fewer than 3 seeds: no claim can be made" in text
     assert "| dense | baseline | 2 | 3.0000 ± 0.0000 | not measured |" in text

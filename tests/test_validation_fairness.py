@@ -15,6 +15,8 @@ se_val**2)`` (about 0.2 nats here). Measured on this corpus: 0.06 (1.1 standard 
 import math
 import statistics
 
+import pytest
+
 from trainer_utils import metrics, train
 
 K = 10
@@ -32,3 +34,8 @@ def test_training_and_validation_loss_agree_on_the_default_corpus(tmp_path, cach
     se_train = statistics.stdev(train_losses) / math.sqrt(K)
     gap, bound = last["val_loss"] - statistics.mean(train_losses), 4 * math.hypot(se_train, last["val_loss_se"])
     assert last["val_loss_se"] > 0 and abs(gap) <= bound, (gap, bound, se_train, last["val_loss_se"])
+    # the final evaluation's batches, which compare pairs across runs: 16384 tokens = 16 batches of 8 x 128
+    evaluated = [r for r in records if "val_loss" in r]
+    assert [("val_batch_losses" in r) for r in evaluated] == [False, False, True]
+    assert len(last["val_batch_losses"]) == 16
+    assert statistics.mean(last["val_batch_losses"]) == pytest.approx(last["val_loss"], rel=1e-5)

@@ -125,15 +125,18 @@ def _paired_section(summary: dict) -> List[str]:
     if not paired:
         return []
     rows = [[model, method, str(len(agg["seeds"])), _speedup_cell(agg), format_interval(agg["final_loss_diff_ci"]),
+             _ms(agg.get("final_loss_diff_se")) if (agg.get("final_loss_diff_se") or {}).get("n") else "not measured",
              format_interval(agg["loss_ratio_ci"], "{:.4f}")] for model, method, agg in paired]
     level = f"{paired[0][2]['speedup_ci']['confidence']:.0%}"
     return ["### Paired differences vs baseline", "",
             f"Each method against the baseline run with the same model and seed; mean [{level} CI] over seeds, "
             "the CI a two-sided t-interval over the paired seeds (n − 1 degrees of freedom). With fewer than "
             f"{statistics.MIN_SEEDS} seeds no interval is given and no claim is made. The speed-up's interval "
-            "covers the seeds that reached the target.", "",
+            "covers the seeds that reached the target. The validation noise is the final-loss difference's standard "
+            "error from the finite validation sample (mean over seeds): where it is small next to the interval, "
+            "the interval's width is seed-to-seed training noise, which only more seeds reduce.", "",
             *_table(["model", "method", "n", f"speed-up [{level} CI]", f"final-loss diff [{level} CI]",
-                     f"loss ratio at equal tokens [{level} CI]"], rows),
+                     "its validation noise (SE)", f"loss ratio at equal tokens [{level} CI]"], rows),
             *(f"- {model} / {method}: {agg['claim']}" for model, method, agg in paired), ""]
 
 

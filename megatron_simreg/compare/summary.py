@@ -17,6 +17,13 @@ Definitions:
   target has no speed-up; the summary says in how many seeds it was reached and averages over those;
 - *final-loss difference*: the method's final validation loss minus the same seed's baseline's (last
   evaluations, not smoothed); negative means the method ends lower;
+- *validation noise of the difference* (``final_loss_diff_se``): the standard error of the final-loss difference
+  that comes from evaluating on a finite validation sample. Runs with the same seed and data evaluate the same
+  batches, so it is the spread of the per-batch differences (method minus baseline, from the trainer's
+  ``val_batch_losses``) over ``sqrt(batches)``; averaged over seeds. Much smaller than either run's own SE,
+  because most of a batch's difficulty is shared; when it is small next to the final-loss difference's interval,
+  the interval's width is seed-to-seed training noise, which only more seeds reduce. "not measured" where a run
+  did not record its batches;
 - *loss ratio at equal tokens*: the method's validation loss at the tokens of the baseline's final evaluation
   (linearly interpolated if the method was not evaluated there) over the baseline's final validation loss, same
   seed; below 1 means the method is lower at the same budget;
@@ -38,6 +45,7 @@ Definitions:
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..analysis.convergence import loss_at, smooth, speedup, tokens_to_target
@@ -84,7 +92,17 @@ def paired(ev: dict, base: dict) -> dict:
     at_base_end = loss_at(ev["tokens"], ev["val_loss"], base["tokens"][-1])
     return {"target": target, "tokens_to_target": t_run, "baseline_tokens_to_target": t_base,
             "speedup": speedup(t_run, t_base), "final_loss_diff": ev["val_loss"][-1] - base["val_loss"][-1],
+            "final_loss_diff_se": difference_se(ev.get("final_val_batch_losses"), base.get("final_val_batch_losses")),
             "loss_ratio_at_equal_tokens": None if at_base_end is None else at_base_end / base["val_loss"][-1]}
+
+
+def difference_se(run_batches: Optional[Sequence[float]], base_batches: Optional[Sequence[float]]) -> Optional[float]:
+    """The standard error of the mean of the per-batch differences ``run - base`` (the same validation batches,
+    in order); ``None`` without two batches from both runs or when their batch counts differ."""
+    if not run_batches or not base_batches or len(run_batches) != len(base_batches) or len(run_batches) < 2:
+        return None
+    diffs = [r - b for r, b in zip(run_batches, base_batches)]
+    return mean_std(diffs)["std"] / math.sqrt(len(diffs))
 
 
 def budget_points(grid: Grid, finals: Dict[str, float], model: str, seed: int) -> List[Tuple[float, float]]:
@@ -149,6 +167,7 @@ def summarize(grid: Grid, runs: Dict[str, dict]) -> Dict[str, Dict[str, dict]]:
                 agg["tokens_to_target"] = mean_std([r["tokens_to_target"] for r in rows])
                 agg["speedup"] = mean_std([r["speedup"] for r in rows])
                 agg["reached"] = sum(r["tokens_to_target"] is not None for r in rows)
+                agg["final_loss_diff_se"] = mean_std([r["final_loss_diff_se"] for r in rows])
                 if method != tuned.get(model):
                     agg.update(_intervals(rows))
             if all("compute_multiplier" in r for r in rows):

@@ -163,7 +163,10 @@ def run(args) -> dict:
                 record["moe_aux_loss"] = moe_aux_loss(num_micro)
             if valid_batches is not None and args.eval_interval and ((it + 1) % args.eval_interval == 0
                                                                     or it + 1 == args.train_iters):
-                record["val_loss"], record["val_loss_se"] = evaluate(backend, valid_batches, args.eval_iters)
+                record["val_loss"], record["val_loss_se"], batch_losses = evaluate(backend, valid_batches,
+                                                                                   args.eval_iters)
+                if it + 1 == args.train_iters:  # for paired comparisons of runs over the same batches (compare)
+                    record["val_batch_losses"] = batch_losses
             if (it + 1) % args.log_interval == 0 or "val_loss" in record or it + 1 == args.train_iters:
                 writer.log(record)
             last = record
@@ -198,11 +201,11 @@ def _non_finite_message(args, iteration: int, lm: float, grad_norm: float, appli
 
 
 def evaluate(backend, valid_batches: Batches, eval_iters: int):
-    """``(loss, standard error)`` over the first ``eval_iters`` global batches of the validation split (the same
-    ones at every evaluation). The loss is the token-weighted mean; its standard error is the spread of the
-    batches' own means over ``sqrt(eval_iters)`` (``None`` with one batch). Batches hold whole random documents'
-    sequences, so they are close to independent draws; sequences within one batch are not, which is why the
-    batch, not the token, is the unit."""
+    """``(loss, standard error, per-batch losses)`` over the first ``eval_iters`` global batches of the validation
+    split (the same ones at every evaluation, and in every run with the same ``--seed`` and data). The loss is the
+    token-weighted mean; its standard error is the spread of the batches' own means over ``sqrt(eval_iters)``
+    (``None`` with one batch). Batches hold whole random documents' sequences, so they are close to independent
+    draws; sequences within one batch are not, which is why the batch, not the token, is the unit."""
     sums = torch.zeros(2)
     means = []
     for i in range(eval_iters):
@@ -210,4 +213,4 @@ def evaluate(backend, valid_batches: Batches, eval_iters: int):
         sums += step
         means.append(float(step[0] / step[1].clamp_min(1)))
     se = float(torch.tensor(means).std() / math.sqrt(len(means))) if len(means) > 1 else None
-    return float(sums[0] / sums[1].clamp_min(1)), se
+    return float(sums[0] / sums[1].clamp_min(1)), se, means
