@@ -50,8 +50,9 @@ def _llama(path, vocab=4096):
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory):
+def imported(tmp_path_factory, cache):
     root = tmp_path_factory.mktemp("cpt")
+    (root / "cache").symlink_to(cache)  # the session's default corpus, prepared once
     _llama(root / "hf")
     out = run_cli("import-hf", "--hf", str(root / "hf"), "--save", str(root / "ck"))
     assert out.returncode == 0, out.stderr[-3000:]

@@ -249,10 +249,9 @@ def test_import_refuses_a_non_empty_save(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, cache):
     """Two tiny 2-iteration runs: Megatron backend (PP=2, tied embeddings) and DeepSpeed ZeRO-1 TP=2 + SP."""
     root = tmp_path_factory.mktemp("trained")
-    cache = str(root / "cache")
     base = ["train", *TINY, "--train-iters", "2", "--data-cache-path", cache]
     cli(*base, "--save", str(root / "megatron"), "--nproc-per-node", "2", "--pipeline-model-parallel-size", "2")
     cli(*base, "--save", str(root / "deepspeed"), "--nproc-per-node", "2", "--tensor-model-parallel-size", "2",
@@ -308,13 +307,13 @@ def test_exported_dir_loads_with_auto_classes_and_generates(exported, trained):
     assert isinstance(tok.decode(gen[0]), str)
 
 
-def test_imported_checkpoint_continues_training(exported, trained, tmp_path):
+def test_imported_checkpoint_continues_training(exported, trained, tmp_path, cache):
     """export -> import-hf at TP=2 -> `train --load --no-load-optim` at TP=2 starts from it."""
     ck = tmp_path / "ck"
     assert import_cmd("--hf", str(exported), "--save", str(ck), "--tensor-model-parallel-size", "2") == 0
     meta = json.load(open(ck / "iter_0000000" / "meta.json"))
     assert meta["tokenizer_model"] == str(exported / "tokenizer.model")
-    out = cli("train", *TINY, "--train-iters", "1", "--data-cache-path", str(trained / "cache"),
+    out = cli("train", *TINY, "--train-iters", "1", "--data-cache-path", cache,
               "--nproc-per-node", "2", "--tensor-model-parallel-size", "2", "--load", str(ck), "--no-load-optim",
               "--save", str(tmp_path / "cont"))
     assert "loaded checkpoint" in out.stdout + out.stderr

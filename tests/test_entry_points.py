@@ -16,12 +16,12 @@ def run(*cmd):
     return out.stdout
 
 
-def test_cli_demo_tiny(tmp_path):
+def test_cli_demo_tiny(tmp_path, cache):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("num-layers: 2\nhidden-size: 32\nnum-attention-heads: 4\nseq-length: 32\nmicro-batch-size: 2\n"
                    "global-batch-size: 2\ntrain-iters: 4\neval-interval: 2\neval-iters: 1\n")
     out = run("-m", "megatron_simreg.cli", "demo", "--out", str(tmp_path / "demo"), "--config", str(cfg),
-              "--data-cache-path", str(tmp_path / "cache"), "--seeds", "1", "2")
+              "--data-cache-path", cache, "--seeds", "1", "2")
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| 1 |" in report and "| 2 |" in report and "**Speed-up**" in report
     assert "fewer than 3 seeds: no claim can be made" in report  # two seeds: no interval, no claim

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(900)
-def test_gpu_acceptance_cpu_smoke(tmp_path):
-    out = subprocess.run([sys.executable, "tools/gpu_acceptance.py", "--cpu-smoke", "--out", str(tmp_path)],
+def test_gpu_acceptance_cpu_smoke(tmp_path, cache):
+    out = subprocess.run([sys.executable, "tools/gpu_acceptance.py", "--cpu-smoke", "--out", str(tmp_path),
+                          "--data-cache-path", cache],
                          cwd=ROOT, capture_output=True, text=True, timeout=880)
     verdicts = [line for line in out.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert out.returncode == 0 and len(verdicts) == 5 and all(v.startswith("PASS") for v in verdicts), \

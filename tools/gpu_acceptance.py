@@ -45,13 +45,13 @@ ENV = {"NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0", "CUBLAS_WORKSPACE_CONFIG": ":409
 
 
 class Acceptance:
-    def __init__(self, out: Path, cpu_smoke: bool):
+    def __init__(self, out: Path, cpu_smoke: bool, data_cache: "str | None" = None):
         self.out, self.cpu_smoke = out, cpu_smoke
         self.model = CPU_MODEL if cpu_smoke else GPU_MODEL
         self.iters = 8 if cpu_smoke else 40
         self.save_interval = 4 if cpu_smoke else 10
         self.results = []
-        self.cache = str(out / "data_cache")
+        self.cache = data_cache or str(out / "data_cache")
 
     # ------------------------------------------------------------------ helpers
     def cli(self, *argv, check=True, timeout=900, popen=False):
@@ -274,6 +274,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/gpu_acceptance", help="working directory (runs, exports)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: keeps the script working in CI")
+    p.add_argument("--data-cache-path", default=None,
+                   help="where the default corpus is prepared (default: OUT/data_cache)")
     args = p.parse_args(argv)
     import torch
 
@@ -281,7 +283,7 @@ def main(argv=None) -> int:
         print("error: no CUDA device; run on a GPU machine, or pass --cpu-smoke to exercise the script on CPU",
               file=sys.stderr)
         return 2
-    return Acceptance(Path(args.out).resolve(), args.cpu_smoke).run()
+    return Acceptance(Path(args.out).resolve(), args.cpu_smoke, args.data_cache_path).run()
 
 
 if __name__ == "__main__":
