@@ -177,10 +177,13 @@ def test_tiny_grid_end_to_end(tiny_grid):
     for seed in (1, 2):  # the paired difference's validation noise, from the final evaluation's 2 batches each
         run, base = (json.load(open(d / "out" / "runs" / f"dense.{m}.s{seed}" / "eval.json"))
                      for m in ("simreg", "baseline"))
-        assert len(run["final_val_batch_losses"]) == len(base["final_val_batch_losses"]) == 2
+        assert len(run["final_val_batches"]["losses"]) == len(base["final_val_batches"]["losses"]) == 2
+        assert run["final_val_batches"]["sha256"] == base["final_val_batches"]["sha256"]  # the same batches
         se = res["runs"][f"dense.simreg.s{seed}"]["final_loss_diff_se"]
-        assert se > 0 and se == pytest.approx(summary.difference_se(run["final_val_batch_losses"],
-                                                                    base["final_val_batch_losses"]))
+        assert se > 0 and se == pytest.approx(summary.difference_se(run["final_val_batches"],
+                                                                    base["final_val_batches"]))
+    seeds = [json.load(open(d / "out" / "runs" / f"dense.baseline.s{s}" / "eval.json")) for s in (1, 2)]
+    assert summary.difference_se(seeds[0]["final_val_batches"], seeds[1]["final_val_batches"]) is None  # not paired
     text = (d / "out" / "report.md").read_text()
     for section in ("## Convergence", "## Zero-shot accuracy", "## Representations", "## Layer jumps"):
         assert section in text

@@ -129,8 +129,8 @@ def _linear_evals(seeds, se=None):
             if se is not None:
                 ev["val_loss_se"] = [se] * len(tokens)
                 shift = 0.0 if method == "baseline" else ev["val_loss"][-1] - 3.0
-                ev["final_val_batch_losses"] = [3.0 + b + shift + (0.0 if method == "baseline" else n)
-                                                for b, n in zip(BATCHES, BATCH_NOISE)]
+                ev["final_val_batches"] = {"sha256": f"seed {seed}", "losses": [
+                    3.0 + b + shift + (0.0 if method == "baseline" else n) for b, n in zip(BATCHES, BATCH_NOISE)]}
             evals[f"dense.{method}.s{seed}"] = ev
     return evals
 

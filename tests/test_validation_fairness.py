@@ -36,6 +36,6 @@ def test_training_and_validation_loss_agree_on_the_default_corpus(tmp_path, cach
     assert last["val_loss_se"] > 0 and abs(gap) <= bound, (gap, bound, se_train, last["val_loss_se"])
     # the final evaluation's batches, which compare pairs across runs: 16384 tokens = 16 batches of 8 x 128
     evaluated = [r for r in records if "val_loss" in r]
-    assert [("val_batch_losses" in r) for r in evaluated] == [False, False, True]
-    assert len(last["val_batch_losses"]) == 16
-    assert statistics.mean(last["val_batch_losses"]) == pytest.approx(last["val_loss"], rel=1e-5)
+    assert [("val_batches" in r) for r in evaluated] == [False, False, True]
+    assert len(last["val_batches"]["losses"]) == 16 and len(last["val_batches"]["sha256"]) == 64
+    assert statistics.mean(last["val_batches"]["losses"]) == pytest.approx(last["val_loss"], rel=1e-5)

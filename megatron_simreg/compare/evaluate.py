@@ -69,8 +69,8 @@ def evaluate_run(grid: Grid, out: str, run: Run, device: str = "cpu", log=print)
               "val_loss": [p["val_loss"] for p in points]}
     if all(p.get("val_loss_se") is not None for p in points):
         result["val_loss_se"] = [p["val_loss_se"] for p in points]
-    if points and points[-1].get("val_batch_losses"):
-        result["final_val_batch_losses"] = points[-1]["val_batch_losses"]
+    if points and points[-1].get("val_batches"):
+        result["final_val_batches"] = points[-1]["val_batches"]
     if grid.zero_shot_tasks or grid.analysis_sequences:
         hf_dir = os.path.join(run_dir(out, run), "hf")
         from ..conversion.export import export_hf

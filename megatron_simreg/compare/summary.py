@@ -20,10 +20,10 @@ Definitions:
 - *validation noise of the difference* (``final_loss_diff_se``): the standard error of the final-loss difference
   that comes from evaluating on a finite validation sample. Runs with the same seed and data evaluate the same
   batches, so it is the spread of the per-batch differences (method minus baseline, from the trainer's
-  ``val_batch_losses``) over ``sqrt(batches)``; averaged over seeds. Much smaller than either run's own SE,
+  ``val_batches``) over ``sqrt(batches)``; averaged over seeds. Much smaller than either run's own SE,
   because most of a batch's difficulty is shared; when it is small next to the final-loss difference's interval,
   the interval's width is seed-to-seed training noise, which only more seeds reduce. "not measured" where a run
-  did not record its batches;
+  did not record its batches or the two did not evaluate the same ones (the trainer records their tokens' hash);
 - *loss ratio at equal tokens*: the method's validation loss at the tokens of the baseline's final evaluation
   (linearly interpolated if the method was not evaluated there) over the baseline's final validation loss, same
   seed; below 1 means the method is lower at the same budget;
@@ -92,16 +92,17 @@ def paired(ev: dict, base: dict) -> dict:
     at_base_end = loss_at(ev["tokens"], ev["val_loss"], base["tokens"][-1])
     return {"target": target, "tokens_to_target": t_run, "baseline_tokens_to_target": t_base,
             "speedup": speedup(t_run, t_base), "final_loss_diff": ev["val_loss"][-1] - base["val_loss"][-1],
-            "final_loss_diff_se": difference_se(ev.get("final_val_batch_losses"), base.get("final_val_batch_losses")),
+            "final_loss_diff_se": difference_se(ev.get("final_val_batches"), base.get("final_val_batches")),
             "loss_ratio_at_equal_tokens": None if at_base_end is None else at_base_end / base["val_loss"][-1]}
 
 
-def difference_se(run_batches: Optional[Sequence[float]], base_batches: Optional[Sequence[float]]) -> Optional[float]:
-    """The standard error of the mean of the per-batch differences ``run - base`` (the same validation batches,
-    in order); ``None`` without two batches from both runs or when their batch counts differ."""
-    if not run_batches or not base_batches or len(run_batches) != len(base_batches) or len(run_batches) < 2:
+def difference_se(run: Optional[dict], base: Optional[dict]) -> Optional[float]:
+    """The standard error of the mean of the per-batch differences ``run - base`` from two runs' final
+    evaluations (the trainer's ``val_batches``: ``{"losses": [per batch], "sha256": of their tokens}``);
+    ``None`` unless both evaluated the same batches (equal fingerprints), at least two."""
+    if not run or not base or run["sha256"] != base["sha256"] or len(run["losses"]) < 2:
         return None
-    diffs = [r - b for r, b in zip(run_batches, base_batches)]
+    diffs = [r - b for r, b in zip(run["losses"], base["losses"])]
     return mean_std(diffs)["std"] / math.sqrt(len(diffs))
 
 

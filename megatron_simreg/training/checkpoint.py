@@ -54,7 +54,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 POINTER = "latest_checkpointed_iteration.txt"
 ITER_DIR = re.compile(r"iter_\d{7}")
 # Test hook: set to an iteration number to crash that save after this rank's
-# files are written, before the rename (tests/test_training.py).
+# files are written, before the rename (tests/test_checkpointing.py).
 CRASH_ENV = "MEGATRON_SIMREG_CRASH_IN_SAVE"
 # model_settings() fields that describe the layout, not the model: a reshardable checkpoint may differ in them
 LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",

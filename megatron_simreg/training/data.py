@@ -9,6 +9,7 @@ it into micro-batches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Optional
@@ -48,6 +49,14 @@ class Batches:
             out.append({k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in group])
                         for k in ("tokens", "labels", "loss_mask", "position_ids")})
         return out
+
+    def fingerprint(self, iterations: int) -> str:
+        """SHA-256 of the tokens of global batches ``0 .. iterations - 1`` (all ranks' samples): two runs with the
+        same fingerprint evaluate the same batches, whatever their parallel layout."""
+        h = hashlib.sha256()
+        for i in range(iterations * self.global_batch):
+            h.update(np.asarray(self.dataset[i]["tokens"], dtype=np.int64).tobytes())
+        return h.hexdigest()
 
     def local(self, microbatches):
         """Slice each micro-batch to this CP rank's zigzag positions and move it to the device."""

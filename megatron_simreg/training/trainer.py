@@ -165,8 +165,9 @@ def run(args) -> dict:
                                                                     or it + 1 == args.train_iters):
                 record["val_loss"], record["val_loss_se"], batch_losses = evaluate(backend, valid_batches,
                                                                                    args.eval_iters)
-                if it + 1 == args.train_iters:  # for paired comparisons of runs over the same batches (compare)
-                    record["val_batch_losses"] = batch_losses
+                if it + 1 == args.train_iters and rank0:  # compare pairs runs that evaluated the same batches
+                    record["val_batches"] = {"losses": batch_losses,
+                                             "sha256": valid_batches.fingerprint(args.eval_iters)}
             if (it + 1) % args.log_interval == 0 or "val_loss" in record or it + 1 == args.train_iters:
                 writer.log(record)
             last = record
