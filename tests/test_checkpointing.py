@@ -34,6 +34,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache, backend):
 
 TP2 = ["--nproc-per-node", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
 
+
 def assert_same_run(full, part, keys=("lm_loss", "simreg_loss", "jreg_loss", "lr", "val_loss"), rel=1e-5):
     a, b = metrics(full), metrics(part)
     assert [r["iteration"] for r in b] == [r["iteration"] for r in a]
@@ -42,7 +43,9 @@ def assert_same_run(full, part, keys=("lm_loss", "simreg_loss", "jreg_loss", "lr
             if key in ra:
                 assert abs(ra[key] - rb[key]) <= rel * max(1.0, abs(ra[key])), (key, ra, rb)
 
+
 DIST_OPT = ["--use-distributed-optimizer", *REG]
+
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
@@ -57,6 +60,7 @@ def uninterrupted(tmp_path_factory, cache):
 
     return get
 
+
 @pytest.mark.parametrize("before,after", [(TP2, []), ([], TP2)], ids=["tp2-to-tp1", "tp1-to-tp2"])
 def test_resume_at_another_tensor_parallel_size(tmp_path, cache, uninterrupted, before, after):
     """dist_checkpointing reshards on load: a run saved at one TP size continues at another as if uninterrupted."""
@@ -64,6 +68,7 @@ def test_resume_at_another_tensor_parallel_size(tmp_path, cache, uninterrupted, 
     train("--train-iters", "4", "--save", part, "--exit-interval", "2", *REG, *before, cache=cache)
     train("--train-iters", "4", "--save", part, "--load", part, *REG, *after, cache=cache)
     assert_same_run(uninterrupted(*REG), part)
+
 
 @pytest.mark.parametrize("after", [["--nproc-per-node", "2"], []], ids=["dp2", "dp2-to-dp1"])
 def test_resume_with_the_distributed_optimizer(tmp_path, cache, uninterrupted, after):
@@ -73,6 +78,7 @@ def test_resume_with_the_distributed_optimizer(tmp_path, cache, uninterrupted, a
           cache=cache)
     train("--train-iters", "4", "--save", part, "--load", part, *after, *DIST_OPT, cache=cache)
     assert_same_run(uninterrupted("--nproc-per-node", "2", *DIST_OPT), part)
+
 
 def test_a_checkpoint_holds_each_shard_once(tmp_path, cache):
     """Data-parallel replicas are not written once per rank: DP=2 writes what DP=1 writes."""
@@ -84,6 +90,7 @@ def test_a_checkpoint_holds_each_shard_once(tmp_path, cache):
     train("--train-iters", "1", "--lr-warmup-iters", "0", "--save", one, cache=cache)
     train("--train-iters", "1", "--lr-warmup-iters", "0", "--save", two, "--nproc-per-node", "2", cache=cache)
     assert abs(size(two) - size(one)) <= 0.1 * size(one), (size(one), size(two))
+
 
 def test_no_load_optim_keeps_the_loaded_weights_in_bf16(tmp_path, cache):
     """`--load --no-load-optim` in bf16: the optimizer's fp32 main params are refreshed from the loaded model.
@@ -99,6 +106,7 @@ def test_no_load_optim_keeps_the_loaded_weights_in_bf16(tmp_path, cache):
     assert metrics(cont)[0]["iteration"] == 3
     assert metrics(cont)[0]["val_loss"] == metrics(save)[-1]["val_loss"], (metrics(save), metrics(cont))
 
+
 def test_crash_mid_save_keeps_the_last_checkpoint(tmp_path, cache):
     save = str(tmp_path / "run")
     out = train("--train-iters", "4", "--save", save, "--save-interval", "2", cache=cache, expect_ok=False,
@@ -112,6 +120,7 @@ def test_crash_mid_save_keeps_the_last_checkpoint(tmp_path, cache):
     # iterations 3-4 ran twice (before the crash, after the resume); the log keeps each once (issue 15, item 7)
     assert [r["iteration"] for r in metrics(save)] == [1, 2, 3, 4]
 
+
 def test_checkpoints_without_a_pointer_are_never_overwritten(tmp_path, cache):
     """A kill between a save's rename and its pointer write leaves iter_* but no pointer (issue 15, item 4)."""
     save = tmp_path / "run"
@@ -123,11 +132,13 @@ def test_checkpoints_without_a_pointer_are_never_overwritten(tmp_path, cache):
         assert "none of them is complete" in out.stderr  # an empty iter_ dir: no meta.json
     assert sorted(os.listdir(save)) == ["iter_0000002"]
 
+
 def test_unwritable_save_fails_before_training(tmp_path, cache):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     out = train("--train-iters", "2", "--save", str(blocker / "run"), cache=cache, expect_ok=False)
     assert out.returncode == 2 and "is not writable" in out.stderr and "iteration 1" not in out.stdout, out.stderr
+
 
 def test_bad_checkpoints_are_clear_errors(tmp_path, cache):
     save = str(tmp_path / "run")
@@ -145,6 +156,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, cache):
     assert out.returncode != 0 and "no checkpoint there" in out.stderr and "--fresh-start" in out.stderr
     train("--train-iters", "2", "--load", missing, "--fresh-start", cache=cache)
 
+
 def test_nan_loss_stops_and_keeps_the_checkpoint(tmp_path, cache):
     save = str(tmp_path / "run")
     out = train("--train-iters", "6", "--save", save, "--save-interval", "1", "--lr", "1e30", "--clip-grad", "0",
@@ -153,6 +165,7 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(tmp_path, cache):
     assert "(not finite)" in out.stderr
     last = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
     assert os.path.isdir(os.path.join(save, f"iter_{last:07d}"))
+
 
 def test_sigusr1_saves_at_the_next_step_and_exits_cleanly(tmp_path, cache):
     import signal
@@ -172,6 +185,7 @@ def test_sigusr1_saves_at_the_next_step_and_exits_cleanly(tmp_path, cache):
     assert proc.returncode == 0, err[-2000:]
     last = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
     assert last == metrics(save)[-1]["iteration"] and last < 100000
+
 
 def test_tokenizer_larger_than_the_checkpoint_vocabulary(tmp_path, cache):
     from megatron_simreg.data.default_corpus import prepare_default_corpus

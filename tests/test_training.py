@@ -9,6 +9,7 @@ import pytest
 
 from trainer_utils import REG, metrics, train
 
+
 @pytest.mark.parametrize("layout", [
     ["--nproc-per-node", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--deepspeed",
      "--zero-stage", "1"],
@@ -28,6 +29,7 @@ def test_parallel_layouts_log_the_same_losses(tmp_path, cache, layout):
         for key in ("lm_loss", "simreg_loss", "jreg_loss"):
             assert abs(ra[key] - rb[key]) <= 2e-5 * abs(ra[key]), (key, ra, rb)
 
+
 @pytest.mark.parametrize("backend", [[], ["--deepspeed", "--zero-stage", "1"]], ids=["megatron", "deepspeed"])
 def test_qwen_attention_under_tp2_logs_the_same_losses(tmp_path, cache, backend):
     """QKV biases (split with their rows) and QK-norm (each TP rank normalizes its own heads with the shared
@@ -41,6 +43,7 @@ def test_qwen_attention_under_tp2_logs_the_same_losses(tmp_path, cache, backend)
         for key in ("lm_loss", "simreg_loss", "jreg_loss"):
             assert abs(ra[key] - rb[key]) <= 2e-5 * abs(ra[key]), (key, ra, rb)
 
+
 @pytest.mark.parametrize("backend", [[], ["--deepspeed", "--zero-stage", "1"]], ids=["megatron", "deepspeed"])
 def test_moe_tp2_sp_logs_the_same_losses(tmp_path, cache, backend):
     moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", *REG, *backend]
@@ -51,6 +54,7 @@ def test_moe_tp2_sp_logs_the_same_losses(tmp_path, cache, backend):
     for ra, rb in zip(metrics(single), metrics(multi)):
         for key in ("lm_loss", "simreg_loss", "jreg_loss", "moe_aux_loss"):
             assert abs(ra[key] - rb[key]) <= 2e-5 * max(abs(ra[key]), 1e-3), (key, ra, rb)
+
 
 @pytest.mark.parametrize("flags,message", [
     (["--hidden-size", "30"], "divisible by --num-attention-heads"),
@@ -63,6 +67,7 @@ def test_bad_flags(cache, flags, message):
     out = train("--train-iters", "2", *flags, cache=cache, expect_ok=False, timeout=200)
     assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
 
+
 def test_config_file_and_flag_precedence(tmp_path, cache):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("num-layers: 2\nhidden-size: 64\ntrain-iters: 1\n")
@@ -73,6 +78,7 @@ def test_config_file_and_flag_precedence(tmp_path, cache):
     cfg.write_text("hidden_sizes: 64\n")
     with pytest.raises(SystemExit):
         parse_train_args(["--config", str(cfg)])
+
 
 def test_comm_device_follows_the_backend(monkeypatch):
     import torch
@@ -87,6 +93,7 @@ def test_comm_device_follows_the_backend(monkeypatch):
     assert comm_device() == torch.device("cuda", 3)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     assert comm_device() == torch.device("cpu")
+
 
 def test_host_values_are_reduced_on_the_comm_device(monkeypatch):
     """NCCL reduces CUDA tensors only: the trainer's sums, stop flag and logged values travel on comm_device().

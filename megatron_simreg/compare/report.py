@@ -24,6 +24,11 @@ def _ms(s: Optional[dict], fmt: str = "{:.4f}", pct: bool = False) -> str:
     return text
 
 
+def _se_cell(s: dict) -> str:
+    """A standard error's ``mean ± std`` over seeds, or ``not measured`` where no seed recorded one."""
+    return _ms(s) if s["n"] else "not measured"
+
+
 def _table(header: List[str], rows: List[List[str]]) -> List[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header)))
             + "|", *("| " + " | ".join(r) + " |" for r in rows), ""]
@@ -54,7 +59,7 @@ def write_report(out: str, grid: Grid, summary: dict, missing: List[str], contam
         for method, agg in methods.items():
             reached = (f"{agg['reached']}/{len(agg['seeds'])}" if "reached" in agg else "–")
             rows.append([model, method, str(len(agg["seeds"])), _ms(agg["final_val_loss"]),
-                         _ms(agg["final_val_loss_se"]) if agg["final_val_loss_se"]["n"] else "not measured",
+                         _se_cell(agg["final_val_loss_se"]),
                          _ms(agg.get("tokens_to_target"), "{:,.0f}"), reached,
                          "–" if _is_reference(method, agg) else _ms(agg.get("speedup"), "{:+.1f}", pct=True)])
     lines += _table(["model", "method", "seeds", "final val loss", "final val loss SE", "tokens to target", "reached",
@@ -125,7 +130,7 @@ def _paired_section(summary: dict) -> List[str]:
     if not paired:
         return []
     rows = [[model, method, str(len(agg["seeds"])), _speedup_cell(agg), format_interval(agg["final_loss_diff_ci"]),
-             _ms(agg.get("final_loss_diff_se")) if (agg.get("final_loss_diff_se") or {}).get("n") else "not measured",
+             _se_cell(agg["final_loss_diff_se"]),
              format_interval(agg["loss_ratio_ci"], "{:.4f}")] for model, method, agg in paired]
     level = f"{paired[0][2]['speedup_ci']['confidence']:.0%}"
     return ["### Paired differences vs baseline", "",
