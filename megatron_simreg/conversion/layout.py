@@ -145,23 +145,39 @@ def merge_tp(shards: List[Dict[str, torch.Tensor]], swiglu: bool) -> Dict[str, t
 # ----------------------------------------------------------------------------
 
 
-def normalize_megatron_names(sd: Dict[str, torch.Tensor], num_experts: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Drop ``_extra_state``; map TE-spec fused norms and TE grouped-GEMM expert names to the local spec's."""
-    out = {}
+def normalize_megatron_name(k: str) -> str:
+    """The full view's (local spec's) name of one GPTModel tensor name of either spec: TE's fused norms
+    (via :func:`~..megatron.param_names.local_spec_name`, the one name map) and TE's grouped-GEMM experts."""
+    if k.endswith("layer_norm_bias"):
+        raise ConversionError(f"{k}: a LayerNorm bias; only RMSNorm models can be converted")
+    k = local_spec_name(k)
+    m = re.match(r"^(.*\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$", k)
+    if m:  # TEGroupedMLP: experts.linear_fc1.weight{e}
+        k = f"{m.group(1)}.local_experts.{m.group(3)}.{m.group(2)}.weight"
+    if re.search(r"\.mlp\.experts\.weight[12]$", k):
+        raise ConversionError(f"{k}: legacy GroupedMLP expert weights (moe_grouped_gemm without TE) are not "
+                              "supported; save with the local or TE spec")
+    return k
+
+
+def megatron_name_map(sd: Dict[str, object]) -> Dict[str, str]:
+    """``{full-view name: the model's own name}`` for the tensors of a GPTModel state dict (either spec), without
+    ``_extra_state``; raises when two of the model's names would be the same full-view tensor."""
+    names: Dict[str, str] = {}
     for k, t in sd.items():
         if k.endswith("_extra_state") or not isinstance(t, torch.Tensor):
             continue
-        if k.endswith("layer_norm_bias"):
-            raise ConversionError(f"{k}: a LayerNorm bias; only RMSNorm models can be converted")
-        k = local_spec_name(k)
-        m = re.match(r"^(.*\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$", k)
-        if m:  # TEGroupedMLP: experts.linear_fc1.weight{e}
-            k = f"{m.group(1)}.local_experts.{m.group(3)}.{m.group(2)}.weight"
-        if re.search(r"\.mlp\.experts\.weight[12]$", k):
-            raise ConversionError(f"{k}: legacy GroupedMLP expert weights (moe_grouped_gemm without TE) are not "
-                                  "supported; save with the local or TE spec")
-        out[k] = t
-    return out
+        n = normalize_megatron_name(k)
+        if n in names:
+            raise ConversionError(f"the model has both {names[n]} and {k}, which are the same tensor {n} in the "
+                                  "full view; cannot tell which to use")
+        names[n] = k
+    return names
+
+
+def normalize_megatron_names(sd: Dict[str, torch.Tensor], num_experts: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Drop ``_extra_state``; map TE-spec fused norms and TE grouped-GEMM expert names to the local spec's."""
+    return {n: sd[k] for n, k in megatron_name_map(sd).items()}
 
 
 # ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..training import checkpoint as ckpt
-from .layout import ConversionError, merge_tp, normalize_megatron_names
+from .layout import ConversionError, megatron_name_map, merge_tp, normalize_megatron_names
 
 
 def _deepspeed_model(directory: str, model: dict) -> Dict[str, torch.Tensor]:
@@ -35,7 +35,8 @@ def _megatron_model(directory: str, meta: dict) -> Dict[str, torch.Tensor]:
     with SingleProcessMegatron():
         gpt = build_megatron_model(meta["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
         load_dist_checkpoint(gpt, directory)
-        return {k: v.detach().float() for k, v in normalize_megatron_names(gpt.state_dict()).items()}
+        # on the host: the model is on the GPU where there is one, the export and the parity check work on CPU
+        return {k: v.detach().float().cpu() for k, v in normalize_megatron_names(gpt.state_dict()).items()}
 
 
 def load_megatron_checkpoint(load: str, iteration: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], dict, str]:
@@ -109,7 +110,12 @@ class SingleProcessMegatron:
 
 def build_megatron_model(model: dict, state: Optional[Dict[str, torch.Tensor]] = None, dtype=torch.float32):
     """A TP=PP=1 GPTModel of ``model`` settings, with ``state`` (a full state dict) loaded when given
-    (inside :class:`SingleProcessMegatron`)."""
+    (inside :class:`SingleProcessMegatron`).
+
+    ``state`` is in the full view (the local spec's names); the model is whatever :func:`build_gpt` builds on
+    this machine: TransformerEngine's spec on a GPU with TE, whose fused norms are named
+    ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``. Each tensor is loaded under the
+    model's own name for it (:func:`~.layout.megatron_name_map`), onto the model's device."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from ..megatron.model import build_gpt, transformer_config
@@ -124,11 +130,16 @@ def build_megatron_model(model: dict, state: Optional[Dict[str, torch.Tensor]] =
     gpt.eval()
     if state is None:
         return gpt
-    own = normalize_megatron_names(gpt.state_dict())
+    current = gpt.state_dict()
+    own = megatron_name_map(current)  # full-view name -> the model's own name
     if set(own) != set(state):
         raise ConversionError(f"state/model key mismatch: missing {sorted(set(own) - set(state))[:5]}, "
                               f"unexpected {sorted(set(state) - set(own))[:5]}")
-    result = gpt.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    wrong = [f"{k} (shape {tuple(state[k].shape)}, the model's {own[k]} has shape {tuple(current[own[k]].shape)})"
+             for k in sorted(state) if tuple(state[k].shape) != tuple(current[own[k]].shape)]
+    if wrong:
+        raise ConversionError(f"state/model shape mismatch: {'; '.join(wrong[:5])}")
+    result = gpt.load_state_dict({own[k]: v.to(dtype) for k, v in state.items()}, strict=False)
     bad = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if bad or result.unexpected_keys:
         raise ConversionError(f"loading into GPTModel: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
@@ -157,5 +168,9 @@ def save_dist_checkpoint(gpt, directory: str) -> None:
 
 @torch.no_grad()
 def megatron_logits(gpt, tokens: torch.Tensor) -> torch.Tensor:
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    return gpt(tokens, pos, None).float()
+    """fp32 logits ``[batch, seq, vocab]`` of ``gpt`` on ``tokens`` (``[batch, seq]``), computed on the model's
+    device (the GPU where there is one) and returned on the device ``tokens`` came on."""
+    device = next(gpt.parameters()).device
+    ids = tokens.to(device)
+    pos = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
+    return gpt(ids, pos, None).float().to(tokens.device)
