@@ -20,8 +20,14 @@ What is read, and where:
   is queued on its layer (FIFO: micro-batches go backward in forward order)
   and attached to the layer's output when the backward recomputes it, with
   the layer's recomputed input: the same gradient as without recompute.
-  (A training forward whose backward never runs would leave its terms
-  queued: run forward-only passes under ``torch.no_grad()`` or ``eval()``.)
+  A training forward whose backward never runs (a probe, ``forward_only``
+  in train mode, a step abandoned by an in-process restart) would leave its
+  terms queued for the next step's recompute: the queues of a model chunk are
+  emptied at its first micro-batch of each step (``schedules.forward_step``
+  with ``current_microbatch == 0``), with a warning when terms were dropped.
+  A checkpointed layer's logged distance is computed in its forward hook,
+  under ``no_grad``, from its input before ``distribute_saved_activations``
+  shrinks that to a 1-D chunk, and holds no autograd graph until backward.
   SimReg reads the last layer's output (``pre_norm``) or the final norm's,
   which autograd reaches from outside the checkpoint. Selective recompute
   is inside the layers and changes nothing here.
@@ -34,6 +40,11 @@ What is read, and where:
   ``pretrain_gpt`` does, so that both terms see the LM loss's tokens.
 * ``schedules.forward_step`` is wrapped to record the number of micro-batches
   and the fp16 loss scale, exactly what Megatron records for its MoE loss.
+* CUDA graphs (``config.cuda_graph_impl`` other than ``"none"``, Megatron-LM's
+  ``--cuda-graph-impl``) replay a ``TransformerLayer`` without
+  ``nn.Module.__call__``, so its hooks never fire: refused while a regularizer
+  is on. A training forward that records fewer layers than the chunk holds
+  (hooks bypassed some other way) raises instead of training without JREG.
 * ``GPTModel.build_schedule_plan`` (the combined 1F1B schedule of
   ``overlap_moe_expert_parallel_comm``, which never calls ``forward``) is
   wrapped to refuse training while a regularizer is on, instead of silently
@@ -42,7 +53,9 @@ What is read, and where:
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -87,7 +100,7 @@ def apply_to_megatron(simreg: Optional[SimRegConfig] = None, jreg: Optional[JReg
     gpt_model.forward = _wrap_gpt_forward(gpt_model.forward)
     if compat.schedule_plan_method(gpt_model) is not None:
         gpt_model.build_schedule_plan = _refuse_schedule_plan(gpt_model.build_schedule_plan)
-    schedules.forward_step = wrap_forward_step(schedules.forward_step)
+    schedules.forward_step = wrap_forward_step(schedules.forward_step, on_first_microbatch=_drop_stale_terms)
     setattr(gpt_model, MARKER, True)
 
 
@@ -113,9 +126,13 @@ class _Capture:
     """States recorded during one training forward of one model chunk."""
 
     def __init__(self):
-        self.layer_input = None
-        self.layer_outputs = []  # [(global layer_number, [s_local, b, h])]
-        self.without_grad = set()  # layer numbers run without autograd (full recompute's checkpointed layers)
+        self.first = None  # (s_local, b, device) of the first local layer's input
+        self.recorded = []  # global layer numbers, in forward order
+        self.inputs = {}  # layer_number -> input, while the layer runs
+        self.with_grad = {}  # layer_number -> (input, output) of a weighted layer run with autograd
+        self.without_grad = {}  # layer_number -> per-token distance [s_local, b] (no graph) of a layer run
+        #                         without autograd (full recompute's checkpointed layers), for logging only
+        self.last_output = None  # the last local layer's output (pre_norm SimReg)
         self.final = None
 
 
@@ -127,6 +144,42 @@ class _Deferred(NamedTuple):
     metric: str
 
 
+@functools.lru_cache(maxsize=16)
+def _weights(num_layers: int, weighting: str, power: float) -> tuple:
+    return tuple(layer_weights(num_layers, weighting, power).tolist())
+
+
+def _weighted(layer_number: int, num_layers: int) -> bool:
+    """Whether the active JREG config gives ``layer_number`` a nonzero weight (no JREG: False)."""
+    cfg = _ACTIVE.jreg
+    return cfg is not None and _weights(num_layers, cfg.weighting, cfg.power)[layer_number - 1] != 0.0
+
+
+def _unwrap(model):
+    """The GPTModel inside Megatron's wrappers (DDP, Float16Module: ``.module``)."""
+    for _ in range(8):
+        if hasattr(model, "_megatron_simreg_pending") or not hasattr(model, "module"):
+            break
+        model = model.module
+    return model
+
+
+def _drop_stale_terms(model) -> None:
+    """At a model chunk's first micro-batch of a step: forget the terms of forwards whose backward never ran."""
+    pending = getattr(_unwrap(model), "_megatron_simreg_pending", None)
+    stale = sum(len(q) for q in pending.values()) if pending else 0
+    if stale:
+        for q in pending.values():
+            q.clear()
+        warnings.warn(
+            f"megatron-simreg: dropped {stale} queued JREG term(s) of checkpointed layers from a training forward whose "
+            "backward never ran (a probe or forward_only pass in train mode with autograd on, or an abandoned step). "
+            "Run forward-only passes under torch.no_grad() or model.eval().",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
 def _install_hooks(model) -> None:
     if getattr(model, "_megatron_simreg_hooks", None) is not None:
         return
@@ -134,28 +187,41 @@ def _install_hooks(model) -> None:
     layers = list(model.decoder.layers)
     pending = {layer.layer_number: deque() for layer in layers}  # layer_number -> _Deferred per micro-batch
     recompute_inputs = {}
+    num_layers = model.config.num_layers
 
     def on_input(module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cap = model._megatron_simreg_capture
         if cap is not None:
-            if cap.layer_input is None:
-                cap.layer_input = hidden
+            if cap.first is None:
+                cap.first = (hidden.shape[0], hidden.shape[1], hidden.device)
+            cap.inputs[module.layer_number] = hidden
         elif pending[module.layer_number] and torch.is_grad_enabled():  # the backward recomputes this layer
             recompute_inputs[module.layer_number] = hidden
 
     def on_output(module, args, output):
         cap = model._megatron_simreg_capture
         hidden = compat.layer_output_hidden(output)
+        n = module.layer_number
         if cap is not None:
-            cap.layer_outputs.append((module.layer_number, hidden))
-            if not torch.is_grad_enabled():
-                cap.without_grad.add(module.layer_number)
-        elif pending[module.layer_number] and torch.is_grad_enabled():
-            term = pending[module.layer_number].popleft()
-            d = token_distances(recompute_inputs.pop(module.layer_number), hidden, term.metric)
+            cap.recorded.append(n)
+            cap.last_output = hidden
+            inp = cap.inputs.pop(n, None)
+            if inp is None or not _weighted(n, num_layers):
+                return None
+            if torch.is_grad_enabled():
+                cap.with_grad[n] = (inp, hidden)
+            else:
+                # Only logged: its gradient comes from the backward's recompute. Computed now, while the input
+                # still has its shape (distribute_saved_activations shrinks a checkpointed chunk's input when
+                # the chunk returns) and without autograd (no graph kept alive until the backward).
+                cap.without_grad[n] = token_distances(inp, hidden, _ACTIVE.jreg.metric)
+        elif pending[n] and torch.is_grad_enabled():
+            term = pending[n].popleft()
+            d = token_distances(recompute_inputs.pop(n), hidden, term.metric)
             reg = (term.scale * (d * term.valid).sum()).reshape(())
             return compat.replace_layer_output_hidden(output, RegLossAutoScaler.apply(hidden, reg))
+        return None
 
     def on_decoder_output(module, args, output):
         cap = model._megatron_simreg_capture
@@ -191,27 +257,28 @@ def _jreg_term(model, cap: _Capture, cfg: JRegConfig, mask, n_tok_mb, layout, ls
     """This stage's attached JREG tensor (before the loss scale ``ls``); records its share of R for logging.
 
     The terms of layers that ran without autograd are queued on them instead (see the module docstring)."""
-    if not cap.layer_outputs or cap.layer_input is None:
-        return None
-    states = [cap.layer_input] + [h for _, h in cap.layer_outputs]  # [s_local, b, h] each
-    w_all = layer_weights(model.config.num_layers, cfg.weighting, cfg.power).tolist()
+    w_all = _weights(model.config.num_layers, cfg.weighting, cfg.power)
     # Zero-weight layers add nothing to R or its gradient: skip them (all but one layer for "final").
-    pairs = [i for i, (n, _) in enumerate(cap.layer_outputs) if w_all[n - 1] != 0.0]
+    pairs = [n for n in cap.recorded if w_all[n - 1] != 0.0]
     if not pairs:  # a pipeline stage without weighted layers (the whole TP/CP group agrees): nothing to add or log
         return None
-    sums, count = layer_distance_sums(states, mask, metric=cfg.metric, pairs=pairs)
-    weights = [w_all[cap.layer_outputs[i][0] - 1] for i in pairs]
-    weighted = sum((w * d for w, d in zip(weights, sums)), sums.new_zeros(()))
-    tracker.record("jreg", weighted, count, layout.reduce_groups())  # reduced once per step, in report()
+    valid = mask if mask.dtype == torch.bool else mask == 1
     scale = (cfg.weight if model.config.calculate_per_token_loss
              else cfg.weight / (n_tok_mb.clamp_min(1) * STEP.num_microbatches))
-    now, valid = [], mask == 1
-    for w, d, i in zip(weights, sums, pairs):
-        n = cap.layer_outputs[i][0]
-        if n in cap.without_grad:
+    now, logged = [], []
+    for n in pairs:
+        w = w_all[n - 1]
+        if n in cap.without_grad:  # logged only; the backward's recompute attaches its term
+            with torch.no_grad():
+                d = (cap.without_grad[n] * valid).sum()
             model._megatron_simreg_pending[n].append(_Deferred(valid, ls * w * scale, cfg.metric))
         else:
+            d = layer_distance_sums(list(cap.with_grad[n]), valid, metric=cfg.metric)[0][0]
             now.append(w * d)
+        logged.append((w, d.detach()))
+    with torch.no_grad():  # logging holds no autograd graph
+        weighted = sum((w * d for w, d in logged), logged[0][1].new_zeros(()))
+        tracker.record("jreg", weighted, valid.sum(), layout.reduce_groups())  # reduced once per step, in report()
     return scale * torch.stack(now).sum() if now else None
 
 
@@ -243,16 +310,46 @@ def _simreg_term(model, hidden, labels, loss_mask, cfg: SimRegConfig, layout):
     return cfg.weight * loss_sum * factor / count_factor(STEP.num_anchors, loss_sum, minimum=1)
 
 
+def _check_recorded(model, cap: _Capture) -> None:
+    """Every local layer must have run through its hooks: a layer replayed or called around ``nn.Module.__call__``
+    (a CUDA graph) would leave JREG and pre_norm SimReg silently without that layer."""
+    local = [layer.layer_number for layer in model.decoder.layers]
+    missing = sorted(set(local) - set(cap.recorded))
+    if missing:
+        raise RuntimeError(
+            f"megatron-simreg: the training forward recorded no output for decoder layer(s) {missing} of "
+            f"{local}: their forward hooks did not fire (a CUDA-graphed layer, --cuda-graph-impl, is replayed "
+            "without nn.Module.__call__), so JREG / pre_norm SimReg cannot be computed; refusing to train without "
+            "them. Turn CUDA graphs off (--cuda-graph-impl none), or disable SimReg and JREG (apply_to_megatron())."
+        )
+
+
+def _refuse_cuda_graphs(config) -> None:
+    impl = getattr(config, "cuda_graph_impl", "none")
+    legacy = [f for f in ("enable_cuda_graph", "external_cuda_graph") if getattr(config, f, False)]
+    if (impl is not None and impl != "none") or legacy:
+        setting = f"cuda_graph_impl={impl!r}" + "".join(f", {f}=True" for f in legacy)
+        raise NotImplementedError(
+            f"megatron-simreg does not support CUDA graphs ({setting}; Megatron-LM's --cuda-graph-impl, or the "
+            "deprecated --enable-cuda-graph / --external-cuda-graph): a graphed TransformerLayer is captured and "
+            "replayed without nn.Module.__call__, so the layer hooks that JREG and pre_norm SimReg read never fire "
+            "and the regularizers would silently not be trained. Use --cuda-graph-impl none, or disable SimReg and "
+            "JREG (apply_to_megatron())."
+        )
+
+
 def _attach(model, out, cap: _Capture, labels, loss_mask):
     layout = _layout(model)
     simreg, jreg = _ACTIVE.simreg, _ACTIVE.jreg
-    some = cap.final if cap.final is not None else cap.layer_input
-    b = some.shape[1]
+    pre_norm = simreg is not None and model.post_process and labels is not None and simreg.representation == "pre_norm"
+    if jreg is not None or pre_norm:
+        _check_recorded(model, cap)
+    s_local, b, device = (*cap.final.shape[:2], cap.final.device) if cap.final is not None else cap.first
     if loss_mask is None:  # every token is valid; the mask spans this CP rank's sequence
-        s_cp = labels.shape[1] if labels is not None else some.shape[0] * (layout.tp if layout.sequence_parallel else 1)
-        loss_mask = torch.ones(b, s_cp, device=some.device)
+        s_cp = labels.shape[1] if labels is not None else s_local * (layout.tp if layout.sequence_parallel else 1)
+        loss_mask = torch.ones(b, s_cp, device=device)
     n_tok_mb = (loss_mask == 1).sum().to(torch.float32)
-    ls = loss_scale(some.device)
+    ls = loss_scale(device)
     attached = []
     if jreg is not None:
         local = layout.local_slice(loss_mask.shape[1])
@@ -260,7 +357,7 @@ def _attach(model, out, cap: _Capture, labels, loss_mask):
         if term is not None:
             attached.append(term)
     if simreg is not None and model.post_process and labels is not None:
-        hidden = cap.final if simreg.representation == "post_norm" else cap.layer_outputs[-1][1]
+        hidden = cap.final if simreg.representation == "post_norm" else cap.last_output
         attached.append(_simreg_term(model, hidden, labels, loss_mask, simreg, layout))
     if not attached:
         return out
@@ -295,6 +392,7 @@ def _wrap_gpt_forward(original):
     def forward(self, *args, **kwargs):
         if not self.training or (_ACTIVE.simreg is None and _ACTIVE.jreg is None) or not torch.is_grad_enabled():
             return original(self, *args, **kwargs)
+        _refuse_cuda_graphs(self.config)  # before anything CUDA-graph-specific runs
         bound = sig.bind(self, *args, **kwargs)
         labels, loss_mask = bound.arguments.get("labels"), bound.arguments.get("loss_mask")
         if bound.arguments.get("packed_seq_params") is not None:

@@ -119,16 +119,28 @@ def end_step() -> None:
     STEP.num_anchors = STEP.num_tokens = None
 
 
-def wrap_forward_step(original):
-    """Wrap ``schedules.forward_step`` to record ``M`` and the loss scale, as it does for MoE."""
+def wrap_forward_step(original, on_first_microbatch: Optional[Callable] = None):
+    """Wrap ``schedules.forward_step`` to record ``M`` and the loss scale, as it does for MoE.
+
+    ``on_first_microbatch(model)`` runs before a model chunk's first micro-batch of each step
+    (``current_microbatch == 0``, as every schedule numbers them per chunk; ``is_first_microbatch`` where a
+    caller passes no number), in training and forward-only passes alike: nothing of an earlier step's
+    forwards may be left for this step's backward.
+    """
+    from inspect import signature
+
+    sig = signature(original)
 
     def forward_step(*args, **kwargs):
-        from inspect import signature
-
-        bound = signature(original).bind(*args, **kwargs)
+        bound = sig.bind(*args, **kwargs)
         config = bound.arguments["config"]
         STEP.num_microbatches = int(bound.arguments["num_microbatches"])
         STEP.grad_scale_func = getattr(config, "grad_scale_func", None)
+        if on_first_microbatch is not None:
+            current = bound.arguments.get("current_microbatch")
+            first = current == 0 if current is not None else bool(bound.arguments.get("is_first_microbatch"))
+            if first:
+                on_first_microbatch(bound.arguments["model"])
         return original(*args, **kwargs)
 
     forward_step.__wrapped__ = original
