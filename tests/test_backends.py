@@ -105,3 +105,23 @@ def test_deepspeed_moe_aux_loss_scale_follows_megatron_under_cp(monkeypatch, num
     backend.engine, backend.scheduler = _FakeEngine(), SimpleNamespace(step=lambda increment: None)
     backend.train_step(_local_microbatches(num_micro))
     assert [float(s) for s in scales] == [CP / num_micro]
+
+
+def test_the_non_finite_check_allocates_nothing_the_size_of_a_grad_buffer():
+    """Issue 23 item 9: ``isfinite(buffer)`` made a temporary per element (about 8 GB for an 8B model's buffers).
+
+    The check must still see a NaN or an inf anywhere, and not call huge finite values non-finite (a 2-norm of
+    3e38s overflows to inf).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    buffers = [torch.randn(1_000_000), torch.randn(250_000)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        assert backends._all_finite(buffers)
+    largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert largest < 1024, f"the check allocated {largest} bytes at once for buffers of {4 * 1_000_000} bytes"
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        buffers[1][123] = bad
+        assert not backends._all_finite(buffers)
+    assert backends._all_finite([torch.full((4,), 3e38)])
+    assert not backends._all_finite(buffers[:1], local_ok=False)

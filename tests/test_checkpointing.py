@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from trainer_utils import REG, ROOT, TINY, metrics, train
 
@@ -61,23 +62,55 @@ def uninterrupted(tmp_path_factory, cache):
     return get
 
 
-@pytest.mark.parametrize("before,after", [(TP2, []), ([], TP2)], ids=["tp2-to-tp1", "tp1-to-tp2"])
-def test_resume_at_another_tensor_parallel_size(tmp_path, cache, uninterrupted, before, after):
-    """dist_checkpointing reshards on load: a run saved at one TP size continues at another as if uninterrupted."""
-    part = str(tmp_path / "part")
-    train("--train-iters", "4", "--save", part, "--exit-interval", "2", *REG, *before, cache=cache)
-    train("--train-iters", "4", "--save", part, "--load", part, *REG, *after, cache=cache)
-    assert_same_run(uninterrupted(*REG), part)
+FULLY_RESHARDABLE = ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"]
 
 
-@pytest.mark.parametrize("after", [["--nproc-per-node", "2"], []], ids=["dp2", "dp2-to-dp1"])
-def test_resume_with_the_distributed_optimizer(tmp_path, cache, uninterrupted, after):
-    """The distributed optimizer's fp32 main params and Adam moments survive a resume (also at another DP size)."""
+def content_metadata(save, iteration):
+    """The content metadata a Megatron checkpoint records (dist_checkpointing's, in its common.pt)."""
+    return torch.load(os.path.join(save, f"iter_{iteration:07d}", "common.pt"), weights_only=False)["content_metadata"]
+
+
+@pytest.mark.parametrize("before,after,optim", [(TP2, [], []), ([], TP2, []), (TP2, [], FULLY_RESHARDABLE)],
+                         ids=["tp2-to-tp1", "tp1-to-tp2", "tp2-to-tp1-distributed-optimizer"])
+def test_resume_at_another_tensor_parallel_size(tmp_path, cache, uninterrupted, before, after, optim):
+    """dist_checkpointing reshards on load: a run saved at one TP size continues at another as if uninterrupted
+    (with the distributed optimizer, when it saved with --dist-ckpt-optim-fully-reshardable)."""
     part = str(tmp_path / "part")
-    train("--train-iters", "4", "--save", part, "--exit-interval", "2", "--nproc-per-node", "2", *DIST_OPT,
-          cache=cache)
+    train("--train-iters", "4", "--save", part, "--exit-interval", "2", *REG, *optim, *before, cache=cache)
+    if optim:
+        assert content_metadata(part, 2)["distrib_optim_sharding_type"] == "fully_reshardable"
+    train("--train-iters", "4", "--save", part, "--load", part, *REG, *optim, *after, cache=cache)
+    assert_same_run(uninterrupted(*REG, *optim), part)
+
+
+DP2 = ["--nproc-per-node", "2"]
+
+
+@pytest.mark.parametrize("before,after", [(DP2, DP2), (DP2, []), ([], DP2)], ids=["dp2", "dp2-to-dp1", "dp1-to-dp2"])
+def test_resume_with_the_distributed_optimizer(tmp_path, cache, uninterrupted, before, after):
+    """The distributed optimizer's fp32 main params and Adam moments survive a resume, also at another DP size, in
+    its default checkpoint format (Megatron-LM's "dp_reshardable": each rank's flat shards, no gather)."""
+    part = str(tmp_path / "part")
+    train("--train-iters", "4", "--save", part, "--exit-interval", "2", *before, *DIST_OPT, cache=cache)
+    assert content_metadata(part, 2)["distrib_optim_sharding_type"] == "dp_reshardable"
     train("--train-iters", "4", "--save", part, "--load", part, *after, *DIST_OPT, cache=cache)
     assert_same_run(uninterrupted("--nproc-per-node", "2", *DIST_OPT), part)
+
+
+def test_another_tp_size_from_dp_reshardable_optimizer_state_is_refused(tmp_path, cache):
+    """The default ("dp_reshardable") distributed-optimizer state is laid out per TP/PP rank: a resume at another
+    TP size is refused before the model is built, naming the save flag that allows it and --no-load-optim."""
+    part = str(tmp_path / "part")
+    train("--train-iters", "4", "--save", part, "--exit-interval", "2", *TP2, *DIST_OPT, cache=cache)
+    out = train("--train-iters", "4", "--save", part, "--load", part, *DIST_OPT, cache=cache, expect_ok=False)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    for needed in ("dp_reshardable", "TP=2, PP=1", "TP=1, PP=1", "--dist-ckpt-optim-fully-reshardable",
+                   "--no-load-optim"):
+        assert needed in errors[0], (needed, errors[0])
+    # the advice: the weights alone resume at TP=1
+    train("--train-iters", "4", "--save", part, "--load", part, "--no-load-optim", *DIST_OPT, cache=cache)
+    assert [r["iteration"] for r in metrics(part)] == [1, 2, 3, 4]
 
 
 def test_a_checkpoint_holds_each_shard_once(tmp_path, cache):
@@ -119,6 +152,46 @@ def test_crash_mid_save_keeps_the_last_checkpoint(tmp_path, cache):
     assert not os.path.exists(os.path.join(save, "iter_0000004.tmp"))
     # iterations 3-4 ran twice (before the crash, after the resume); the log keeps each once (issue 15, item 7)
     assert [r["iteration"] for r in metrics(save)] == [1, 2, 3, 4]
+
+
+SAVE_FAULTS = os.path.join(ROOT, "tests", "shims", "save_faults")  # its sitecustomize injects the fault
+
+
+def fault_env(fault):
+    return {"MEGATRON_SIMREG_SAVE_FAULT": fault,
+            "PYTHONPATH": os.pathsep.join(p for p in (SAVE_FAULTS, os.environ.get("PYTHONPATH")) if p)}
+
+
+def test_a_failure_to_prepare_the_save_directory_is_one_clean_error_on_every_rank(tmp_path, cache):
+    """Rank 0 makes ``iter_N.tmp`` before any rank writes; when that fails, every rank gets the same error (exit 2,
+    one line), none waits in a barrier for rank 0, and the previous checkpoint stays the pointed-to one."""
+    save = str(tmp_path / "run")
+    out = train("--train-iters", "2", "--save", save, "--save-interval", "1", *DP2, cache=cache, expect_ok=False,
+                env=fault_env("mkdir:iter_0000002.tmp"), timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "iter_0000002.tmp" in errors[0] and "Permission denied" in errors[0], errors[0]
+    assert "nothing was written" in errors[0] and "iter_0000001 is intact" in errors[0], errors[0]
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "1"
+
+
+def test_a_crash_between_the_renames_of_a_resave_leaves_a_resumable_pointer(tmp_path, cache):
+    """Re-saving iteration 4 moves the old iter_0000004 aside, then renames the new one into place; a kill between
+    the two renames leaves the pointer naming iter_0000004 while it is missing. The next run resumes it."""
+    save = str(tmp_path / "run")
+    run = ["--train-iters", "6", "--save", save, "--save-interval", "2"]
+    train(*run, "--exit-interval", "4", cache=cache)
+    out = train(*run, "--exit-interval", "4", "--load", save, "--ckpt-step", "2", cache=cache, expect_ok=False,
+                env=fault_env("crash-between-renames"))
+    assert out.returncode != 0 and "InjectedCrash" in out.stderr, out.stderr[-3000:]
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "4"
+    assert not os.path.exists(os.path.join(save, "iter_0000004"))
+    out = train(*run, "--load", save, cache=cache, expect_ok=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "restored the previous copy" in out.stdout
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "6"
+    assert os.path.isfile(os.path.join(save, "iter_0000004", "meta.json"))
+    assert [r["iteration"] for r in metrics(save)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_checkpoints_without_a_pointer_are_never_overwritten(tmp_path, cache):

@@ -133,3 +133,22 @@ def test_ckpt_step_steps_back_to_an_older_checkpoint(tmp_path, cache):
     out = train("--train-iters", "4", "--load", save, "--ckpt-step", "7", cache=cache, expect_ok=False)
     assert out.returncode == 2 and "iter_0000007 is not a complete checkpoint" in out.stderr \
         and "1, 2, 3, 4" in out.stderr.replace("[", "").replace("]", ""), out.stderr[-2000:]
+
+
+def test_turning_the_distributed_optimizer_or_bf16_on_or_off_names_the_change_and_no_load_optim(tmp_path, cache):
+    """megatron-core stores another optimizer state with each of --use-distributed-optimizer and --bf16 and cannot
+    load one into the other; the resume says which flag changed and what to pass, not "corrupt checkpoint"."""
+    plain, both = str(tmp_path / "plain"), str(tmp_path / "both")
+    run = ["--train-iters", "2", "--exit-interval", "1"]
+    train(*run, "--save", plain, cache=cache)
+    train(*run, "--save", both, "--use-distributed-optimizer", "--bf16", cache=cache)
+    for load, flags, changed in ((plain, ["--bf16"], ["--bf16: checkpoint=off run=on"]),
+                                 (both, [], ["--use-distributed-optimizer: checkpoint=on run=off",
+                                             "--bf16: checkpoint=on run=off"])):
+        out = train(*run, "--load", load, *flags, cache=cache, expect_ok=False)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert "corrupt" not in out.stderr and "--no-load-optim" in out.stderr, out.stderr[-3000:]
+        assert all(line in out.stderr for line in changed), (changed, out.stderr[-3000:])
+    # the advice works: the weights only, at the new settings
+    out = train(*run, "--load", both, "--no-load-optim", "--save", str(tmp_path / "weights"), cache=cache)
+    assert metrics(str(tmp_path / "weights"))[0]["iteration"] == 2

@@ -95,3 +95,52 @@ def define_moe_te_gemm() -> None:
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def keep_torch_adam_step() -> None:
+    """Let megatron-core's DistributedOptimizer reload its state into torch's AdamW (idempotent).
+
+    megatron-core falls back to ``torch.optim.AdamW`` when neither
+    TransformerEngine nor apex is importable: always on CPU, and on a GPU
+    machine without them. Its per-parameter state holds a ``"step"`` tensor,
+    which two megatron-core 0.16.1 load paths mishandle:
+
+    1. ``load_parameter_state_from_fully_reshardable`` (and the other
+       reshardable loads) pass ``{"param", "exp_avg", "exp_avg_sq"}`` to
+       ``_set_main_param_and_optimizer_states``, which copies *every* key of
+       the current state: ``KeyError: 'step'``. The step already set by
+       ``load_state_dict`` is passed through instead.
+    2. ``load_state_dict`` gives every parameter the *same* step tensor, which
+       torch's foreach AdamW then increments once per parameter (step 2 -> 16
+       after one step of a 14-parameter model: wrong bias corrections, so a
+       resumed run drifts). Each parameter gets its own copy.
+    3. ``dp_reshardable`` (Megatron-LM's default format) does not save the
+       per-parameter step (a ``LocalNonpersistentObject``, "handled via
+       param_groups"), so its load hands back this run's own pre-load step and
+       copies it over the one ``load_state_dict`` has just set from the saved
+       param groups (seen: a resumed DP=2 run's loss off by 1e-3). The step is
+       always the one the param groups set.
+
+    With TE's or apex's FusedAdam the state has no per-parameter ``"step"``
+    and the wrapper passes everything through unchanged.
+    """
+    cls = resolve("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer")
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, _ADAM_STEP_MARKER, False):
+        return
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                state["step"] = state["step"].clone()  # (2)
+                tensors = {**tensors, "step": state["step"]}  # (1), (3)
+        return original(self, model_param, tensors)
+
+    _set_main_param_and_optimizer_states.__wrapped__ = original
+    setattr(_set_main_param_and_optimizer_states, _ADAM_STEP_MARKER, True)
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
+_ADAM_STEP_MARKER = "_megatron_simreg_keeps_adam_step"

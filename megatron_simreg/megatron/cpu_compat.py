@@ -399,6 +399,13 @@ def get_cpu_gpt_layer_spec(
         normalization=normalization,
     )
     _replace_norm_in_spec(spec, WrappedTorchNorm, CPUTorchNorm)
+    if num_experts:
+        # The local spec saves every layer's pre-MLP norm under TE's fused name (mlp.linear_fc1.layer_norm_weight),
+        # but TE's MoE spec keeps a norm module (only a dense MLP fuses it), saved as pre_mlp_layernorm.weight: keep
+        # TE's key, so that MoE checkpoints move between machines with and without TE (the GPU path is the norm).
+        keys = dict(spec.submodules.sharded_state_dict_keys_map)
+        keys.pop("pre_mlp_layernorm.", None)
+        spec.submodules.sharded_state_dict_keys_map = keys
     return spec
 
 
@@ -632,9 +639,12 @@ _DIST_CKPT_MODULES = (
 
 
 def _adapt_dist_checkpointing() -> None:
-    """Put the dist-checkpointing modules that the synchronous ``torch_dist`` save reaches in the device shim (1),
-    and let the distributed optimizer load its ``fully_reshardable`` state into torch's AdamW
-    (:func:`_keeping_adam_step`).
+    """Put the dist-checkpointing modules that the synchronous ``torch_dist`` save reaches in the device shim (1).
+
+    (Reloading the distributed optimizer's state into torch's AdamW needs
+    :func:`megatron_simreg.megatron.compat.keep_torch_adam_step`, which is not
+    CPU-specific: a GPU without TE or apex uses torch's AdamW too. The
+    trainer's Megatron backend applies it.)
 
     ``dist_checkpointing.save`` with the default ``torch_dist`` strategy (and
     ``FullyParallelSaveStrategyWrapper``) calls ``torch.cuda.synchronize()``
@@ -650,34 +660,3 @@ def _adapt_dist_checkpointing() -> None:
         mod = importlib.import_module(mod_name)
         if getattr(mod, "torch", None) is torch:
             _set_attr(mod, "torch", _TORCH_SHIM)
-    dist_opt = importlib.import_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
-    _set_attr(dist_opt, "_set_main_param_and_optimizer_states",
-              _keeping_adam_step(dist_opt._set_main_param_and_optimizer_states))
-
-
-def _keeping_adam_step(orig):
-    """``DistributedOptimizer._set_main_param_and_optimizer_states`` that keeps torch Adam's ``"step"``.
-
-    Without TE/apex (always so on CPU) the distributed optimizer wraps
-    ``torch.optim.AdamW``, whose per-parameter state holds a ``"step"``
-    tensor. Loading a ``fully_reshardable`` checkpoint,
-    ``load_state_dict`` first sets every ``"step"`` from the saved param
-    groups, then ``load_parameter_state_from_fully_reshardable`` passes the
-    loaded ``{"param", "exp_avg", "exp_avg_sq"}`` here, which copies *every*
-    key of the current state and fails with ``KeyError: 'step'``
-    (megatron-core 0.16.1). (1) The already-set step is passed through
-    instead, and (2) each parameter gets its own copy: ``load_state_dict``
-    gives every parameter the *same* step tensor, which torch's foreach
-    AdamW then increments once per parameter (step 2 -> 16 after one step
-    of a 14-parameter model: wrong bias corrections, so a resumed run drifts).
-    """
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:  # (1)
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-            if "step" in state:
-                state["step"] = state["step"].clone()  # (2)
-                tensors = {**tensors, "step": state["step"]}
-        return orig(self, model_param, tensors)
-
-    return _set_main_param_and_optimizer_states

@@ -85,6 +85,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deepspeed", action="store_true", help="DeepSpeed engine instead of Megatron DDP")
     g.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
     g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron backend: shard the fp32 main params and Adam state over data-parallel ranks")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="with --use-distributed-optimizer: save the optimizer state in each parameter's own shape "
+                        "(Megatron-LM's 'fully_reshardable'), so a resume may change TP/PP, at the cost of gathering "
+                        "the state over data-parallel ranks at each save (README, checkpoint memory). Default "
+                        "(Megatron-LM's 'dp_reshardable'): each rank writes its own shards, no gather; a resume may "
+                        "change only the data-parallel size")
+    g.add_argument("--distrib-optim-fully-reshardable-mem-efficient", action="store_true",
+                   help="with --dist-ckpt-optim-fully-reshardable: gather over gloo into data-parallel rank 0's host "
+                        "memory only (no GPU buffer, no copy on the other ranks; rank 0 writes the optimizer state "
+                        "alone). Always so on CPU")
     g = p.add_argument_group("MoE")
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--moe-router-topk", type=int, default=2)
@@ -292,6 +302,13 @@ def validate(a: argparse.Namespace) -> None:
                          "loss); drop --deepspeed or the flag")
     if a.deepspeed and a.use_distributed_optimizer:
         raise ValueError("--use-distributed-optimizer is the Megatron backend's; with --deepspeed use --zero-stage")
+    if a.dist_ckpt_optim_fully_reshardable and not a.use_distributed_optimizer:
+        raise ValueError("--dist-ckpt-optim-fully-reshardable sets the distributed optimizer's checkpoint format; it "
+                         "needs --use-distributed-optimizer (without it the optimizer state is always saved in each "
+                         "parameter's shape)")
+    if a.distrib_optim_fully_reshardable_mem_efficient and not a.dist_ckpt_optim_fully_reshardable:
+        raise ValueError("--distrib-optim-fully-reshardable-mem-efficient goes with "
+                         "--dist-ckpt-optim-fully-reshardable")
     if a.data_path and not a.tokenizer_model:
         raise ValueError("--data-path needs --tokenizer-model (the tokenizer the data was tokenized with)")
     if a.tokenizer_type != SENTENCEPIECE and not a.tokenizer_model:

@@ -22,17 +22,38 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..megatron import compat
 from ..megatron.step import STEP
 from ..parallel.comm import comm_device
 
 
-# The ``metadata`` Megatron-LM passes to ``sharded_state_dict`` (its ``_build_sharded_state_dict_metadata``) with
-# ``--dist-ckpt-optim-fully-reshardable``: the distributed optimizer stores each parameter's fp32 main copy and Adam
-# moments in the parameter's own shape (like a regular optimizer), so a resume may change TP/PP/DP. Megatron-LM's
-# default "dp_reshardable" reshards over DP only; "fully_sharded_model_space" fails in megatron-core 0.16.1
-# ("ShardedTensor.flattened_range is not supported").
-SHARDED_STATE_DICT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                               "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+# The ``metadata`` Megatron-LM passes to ``sharded_state_dict`` and saves as the checkpoint's content metadata (its
+# ``_build_sharded_state_dict_metadata``); :func:`sharded_state_dict_metadata` adds the distributed optimizer's format.
+SHARDED_STATE_DICT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+# The distributed optimizer's formats (megatron-core 0.16.1 DistributedOptimizer.sharded_state_dict):
+# "dp_reshardable" (Megatron-LM's default) writes each rank's flat bucket shards as they are: no gather, but the
+# layout of the buckets is the model-parallel rank's, so only the data-parallel size may change on resume.
+# "fully_reshardable" (--dist-ckpt-optim-fully-reshardable) gathers the state over DP and stores each parameter's fp32
+# main copy and Adam moments in the parameter's own shape, so a resume may change TP/PP/DP.
+# ("fully_sharded_model_space" fails in megatron-core 0.16.1: "ShardedTensor.flattened_range is not supported".)
+DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
+
+
+def sharded_state_dict_metadata(args) -> dict:
+    """The content metadata a save writes (and records), as Megatron-LM's ``_build_sharded_state_dict_metadata``.
+
+    ``distrib_optim_fully_reshardable_mem_efficient`` is what the save does: on CPU always True (the NCCL path of
+    ``DistributedOptimizer.get_parameter_state_dp_zero`` moves each shard to CUDA; the gloo one stays on the CPU).
+    """
+    metadata = dict(SHARDED_STATE_DICT_METADATA)
+    if args.use_distributed_optimizer:
+        if args.dist_ckpt_optim_fully_reshardable:
+            metadata["distrib_optim_sharding_type"] = FULLY_RESHARDABLE
+            metadata["distrib_optim_fully_reshardable_mem_efficient"] = bool(
+                args.distrib_optim_fully_reshardable_mem_efficient or not torch.cuda.is_available())
+        else:
+            metadata["distrib_optim_sharding_type"] = DP_RESHARDABLE
+    return metadata
 
 
 def _lm_loss_func(mb):
@@ -67,9 +88,14 @@ def _forward(model, mb):
 
 
 def _all_finite(tensors, local_ok: bool = True) -> bool:
-    """Whether ``tensors`` are finite on every rank (a collective over the world; one host sync)."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    ok = torch.stack(flags).all() if flags else torch.tensor(True)
+    """Whether ``tensors`` are finite on every rank (a collective over the world; one host sync).
+
+    One reduction per tensor and no tensor-sized temporary (``isfinite(t)`` would allocate a bool per element: about
+    8 GB for an 8B model's grad buffers). The max-norm is finite exactly when every element is (NaN propagates
+    through the max), and, unlike the 2-norm DDP's own check uses, it cannot overflow on finite values.
+    """
+    norms = [torch.linalg.vector_norm(t, ord=float("inf")).reshape(1) for t in tensors if t is not None and t.numel()]
+    ok = torch.isfinite(torch.cat(norms)).all() if norms else torch.tensor(True)
     bad = (~ok).float().reshape(1).to(comm_device()) + (0.0 if local_ok else 1.0)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -118,6 +144,9 @@ class MegatronBackend:
         )
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
         self.scheduler = _scheduler(self.optimizer, args)
+        # without TE or apex (CPU, or a GPU image without them) the optimizer is torch's AdamW, whose resume
+        # megatron-core 0.16.1 breaks (KeyError: 'step')
+        compat.keep_torch_adam_step()
 
     @property
     def lr(self) -> float:
@@ -168,24 +197,21 @@ class MegatronBackend:
     reshardable = True  # dist_checkpointing reshards on load: any TP/PP/DP layout may resume it
 
     def _sharded_state_dict(self, iteration: int, is_loading: bool, optim: bool, rng: bool,
-                            saved_metadata: Optional[dict] = None) -> dict:
+                            metadata: dict) -> dict:
         """``{"model", "optimizer", "opt_param_scheduler", "rng_state", ...}`` as Megatron-LM's ``generate_state_dict``.
 
         Tensors are ``ShardedTensor``s (global shape + this rank's offsets), so
         a load at another layout takes its own slices; DP replicas are written
-        by one rank only. ``saved_metadata``: the checkpoint's own (a load
-        follows the format it was written in, e.g. Megatron-LM's "dp_reshardable").
+        by one rank only. ``metadata``: what a save writes
+        (:func:`sharded_state_dict_metadata`), or the checkpoint's own content
+        metadata on a load (a load follows the format it was written in).
         """
         from megatron.core import parallel_state as ps
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         from .checkpoint import rng_state
 
-        metadata = {**SHARDED_STATE_DICT_METADATA, **(saved_metadata or {}),
-                    "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
-                    # the distributed optimizer gathers its state over NCCL from CUDA tensors, or, in this
-                    # (Megatron-LM's --distrib-optim-fully-reshardable-mem-efficient) mode, over gloo from CPU ones
-                    "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
+        metadata = {**metadata, "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
         state = {"checkpoint_version": 3.0, "iteration": iteration,
                  "model": self.model.module.sharded_state_dict(metadata=metadata)}
         if optim:
@@ -205,11 +231,13 @@ class MegatronBackend:
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-        state = self._sharded_state_dict(iteration, is_loading=False, optim=True, rng=True)
+        metadata = sharded_state_dict_metadata(self.args)
+        state = self._sharded_state_dict(iteration, is_loading=False, optim=True, rng=True, metadata=metadata)
         # Megatron-LM's --ckpt-fully-parallel-save (its default): DP replicas share the writing
         strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"),
                                                     ps.get_data_parallel_group(with_context_parallel=True))
-        dist_checkpointing.save(state, directory, strategy, content_metadata=dict(SHARDED_STATE_DICT_METADATA))
+        # the format written, for the load (and Megatron-LM's load_checkpoint) to follow
+        dist_checkpointing.save(state, directory, strategy, content_metadata=metadata)
 
     def _init_distributed_optimizer_state(self) -> None:
         """Give a fresh DistributedOptimizer the Adam state its ``sharded_state_dict`` reads.
@@ -234,15 +262,22 @@ class MegatronBackend:
         if load_optim:
             self._init_distributed_optimizer_state()
         try:
-            state = self._sharded_state_dict(0, is_loading=True, optim=load_optim, rng=load_rng,
-                                             saved_metadata=dist_checkpointing.load_content_metadata(directory))
+            # a checkpoint without content metadata (none this trainer wrote) is read as Megatron-LM reads one
+            saved = dist_checkpointing.load_content_metadata(directory) or dict(SHARDED_STATE_DICT_METADATA)
+            state = self._sharded_state_dict(0, is_loading=True, optim=load_optim, rng=load_rng, metadata=saved)
             loaded = dist_checkpointing.load(state, directory)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - whatever failed, it cannot be resumed
             raise CheckpointError(f"cannot read checkpoint {directory} ({reason(e)}); it is corrupt, incomplete "
                                   "or not a Megatron torch_dist checkpoint: point --load at another checkpoint") from e
         self.model.module.load_state_dict(loaded["model"])
         if load_optim:
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            # no_grad: megatron-core 0.16.1's DistributedOptimizer.load_parameter_state_from_dp_reshardable (unlike
+            # its fully_reshardable and fs_model_space siblings) lacks @torch.no_grad(), and copies into the main
+            # params in place; with fp32 weights those are views of the model's leaf params
+            # (_build_model_and_main_param_groups), so the copy raises "a view of a leaf Variable that requires
+            # grad is being used in an in-place operation" (on any device)
+            with torch.no_grad():
+                self.optimizer.load_state_dict(loaded["optimizer"])
             if self.args.override_opt_param_scheduler:
                 # megatron-core's param groups carry max_lr/min_lr, which the scheduler prefers to its own: the
                 # checkpoint's would silently win over the flags

@@ -69,11 +69,6 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def rng_state() -> Dict[str, Any]:
     """This process's RNG states, under Megatron-LM's key names.
 
@@ -130,12 +125,16 @@ def save(root: str, iteration: int, meta: Dict[str, Any], backend) -> str:
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
-        os.makedirs(tmp)
-    _barrier()
     failure = None
+    if rank == 0:
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+            os.makedirs(tmp)
+        except OSError as e:  # agreed on below: the other ranks must not wait for rank 0 in a barrier
+            failure = e
+    # also the barrier: the directory exists before any rank writes into it
+    _raise_if_any_failed(failure, root, tmp, rank, remove=None, left="nothing was written")
     try:
         backend.write_checkpoint(tmp, iteration)
         if rank == 0:
@@ -148,12 +147,14 @@ def save(root: str, iteration: int, meta: Dict[str, Any], backend) -> str:
     _raise_if_any_failed(failure, root, tmp, rank, remove=tmp)  # also the barrier: every rank has written
     failure = remove = None
     if rank == 0:
-        renamed = False
+        renamed = moved_aside = False
         try:
             _fsync_tree(tmp)  # the files' data, then the directory entries, reach the disk before the rename
             if os.path.exists(final):  # re-saving an iteration: move the old copy aside first
                 shutil.rmtree(final + ".old", ignore_errors=True)
+                # a crash from here to the next rename leaves no `final`: find() restores it from `.old`
                 os.rename(final, final + ".old")
+                moved_aside = True
             os.rename(tmp, final)
             renamed = True
             _fsync_path(root)  # the rename itself
@@ -167,6 +168,11 @@ def save(root: str, iteration: int, meta: Dict[str, Any], backend) -> str:
             shutil.rmtree(final + ".old", ignore_errors=True)
         except OSError as e:  # the pointer still names the previous checkpoint
             failure = e
+            if moved_aside and not renamed:  # put the previous copy back (else find() will)
+                try:
+                    os.rename(final + ".old", final)
+                except OSError:
+                    pass
             # after the rename the directory is complete: keep it (the pointer decides what is resumed)
             remove = None if renamed else tmp
     _raise_if_any_failed(failure, root, tmp, rank, remove=remove)
@@ -210,9 +216,10 @@ def _no_space(e: BaseException, root: str) -> Optional[str]:
 
 
 def _raise_if_any_failed(failure: Optional[BaseException], root: str, tmp: str, rank: int,
-                         remove: Optional[str]) -> None:
+                         remove: Optional[str], left: Optional[str] = None) -> None:
     """Share each rank's failure (a collective, so also a barrier); if any rank failed, rank 0 removes ``remove``
-    and every rank raises the same :class:`CheckpointError` (a full disk's first)."""
+    and every rank raises the same :class:`CheckpointError` (a full disk's first). ``left``: what the failure left
+    on disk, when not the default (see :func:`_save_error`)."""
     local = None if failure is None else (rank, _no_space(failure, root), reason(failure))
     if local is not None and local[2].startswith("rank "):  # DCP's reason() names the failing rank itself
         local = (int(local[2].split()[1].rstrip(":")), local[1], local[2].split(": ", 1)[1])
@@ -226,10 +233,11 @@ def _raise_if_any_failed(failure: Optional[BaseException], root: str, tmp: str, 
         return
     if rank == 0 and remove:
         shutil.rmtree(remove, ignore_errors=True)
-    raise _save_error(root, tmp, *failed[0], removed=bool(remove)) from failure
+    raise _save_error(root, tmp, *failed[0], removed=bool(remove), left=left) from failure
 
 
-def _save_error(root: str, tmp: str, rank: int, no_space: Optional[str], why: str, removed: bool) -> CheckpointError:
+def _save_error(root: str, tmp: str, rank: int, no_space: Optional[str], why: str, removed: bool,
+                left: Optional[str] = None) -> CheckpointError:
     """The message: what failed, that the previous checkpoint is intact, and what to do."""
     try:
         previous = find(root)
@@ -242,7 +250,7 @@ def _save_error(root: str, tmp: str, rank: int, no_space: Optional[str], why: st
         kept = f"the previous checkpoint {iteration_dir(root, previous)} is intact"
         then = f"then resume with --load {root}"
     # removed: the partial .tmp; otherwise it was renamed complete, but the pointer still names the previous one
-    left = "the partial directory is removed" if removed else f"{tmp[:-4]} is complete but not pointed to"
+    left = left or ("the partial directory is removed" if removed else f"{tmp[:-4]} is complete but not pointed to")
     if no_space:
         return CheckpointError(f"{no_space} while writing {tmp} (rank {rank}: {why}); {left} and {kept}. Free space "
                                f"on {root} or point --save at another filesystem, {then}")
@@ -283,6 +291,7 @@ def resume_point(load: Optional[str], ckpt_step: Optional[int] = None,
     if not load:
         return None
     if ckpt_step is not None:
+        restore_interrupted_resave(load, ckpt_step)
         if not os.path.isfile(os.path.join(iteration_dir(load, ckpt_step), "meta.json")):
             raise CheckpointError(f"--ckpt-step {ckpt_step}: {iteration_dir(load, ckpt_step)} is not a complete "
                                   f"checkpoint; complete ones under --load {load}: {complete_iterations(load) or 'none'}")
@@ -322,6 +331,61 @@ def check_resumable(meta: Dict[str, Any], settings: Dict[str, Any], where: str, 
 
         check_vocab_fits(tokenizer_vocab, meta["model"]["padded_vocab_size"])
     check_compatible(meta["model"], settings, where, reshardable=reshardable)
+
+
+# the flags whose change between save and resume megatron-core 0.16.1 cannot load the optimizer state across (each
+# makes another optimizer class, with other state dict keys), and why
+OPTIMIZER_FLAGS = {
+    "use_distributed_optimizer": "the distributed optimizer's state (sharded over data-parallel ranks) and the "
+                                 "regular optimizer's are saved under different keys",
+    "bf16": "with --bf16 the optimizer keeps fp32 main copies of the bf16 weights, without it the fp32 weights are "
+            "its own: different state"}
+
+
+def _flags(values: Dict[str, Any]) -> str:
+    on = [f"--{k.replace('_', '-')}" for k in OPTIMIZER_FLAGS if values.get(k)]
+    return " ".join(on) if on else "neither " + " nor ".join(f"--{k.replace('_', '-')}" for k in OPTIMIZER_FLAGS)
+
+
+def check_optimizer_resumable(meta: Dict[str, Any], args, settings: Dict[str, Any], where: str) -> None:
+    """Before the model is built, refuse a resume with the optimizer state that megatron-core cannot load (which it
+    reports as an unreadable checkpoint): ``--use-distributed-optimizer`` or ``--bf16`` turned on or off, or another
+    TP/PP size from a distributed optimizer's "dp_reshardable" state (Megatron-LM refuses the latter the same way).
+    Each message names ``--no-load-optim``. The Megatron backend's checkpoints only; ``where``: the directory."""
+    if meta.get("backend") != "megatron" or args.deepspeed:
+        return
+    saved = {k: bool((meta.get("args") or {}).get(k, False)) for k in OPTIMIZER_FLAGS}
+    current = {k: bool(getattr(args, k)) for k in OPTIMIZER_FLAGS}
+    weights_only = (f"pass --no-load-optim to resume the weights only (Adam's moments start from zero; the LR "
+                    f"schedule continues from iteration {meta.get('iteration')})")
+    if saved != current:
+        lines = [f"  --{k.replace('_', '-')}: checkpoint={'on' if saved[k] else 'off'} run="
+                 f"{'on' if current[k] else 'off'} ({OPTIMIZER_FLAGS[k]})"
+                 for k in OPTIMIZER_FLAGS if saved[k] != current[k]]
+        raise CheckpointError(
+            f"checkpoint {where} holds the optimizer state of a run with {_flags(saved)}, which this run "
+            f"({_flags(current)}) cannot load:\n" + "\n".join(lines) + f"\n{weights_only}, or resume as the "
+            f"checkpoint was saved ({_flags(saved)})")
+    tp_pp = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+    if not current["use_distributed_optimizer"] or all(meta["model"].get(k) == settings.get(k) for k in tp_pp):
+        return
+    from megatron.core import dist_checkpointing
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    try:
+        sharding = (dist_checkpointing.load_content_metadata(where) or {}).get("distrib_optim_sharding_type")
+    except Exception:  # noqa: BLE001 - unreadable: the load itself says so
+        return
+    if sharding is None or sharding in DistributedOptimizer.checkpoint_fully_reshardable_formats:
+        return
+    was = "TP={}, PP={}".format(*(meta["model"].get(k) for k in tp_pp))
+    now = "TP={}, PP={}".format(*(settings.get(k) for k in tp_pp))
+    raise CheckpointError(
+        f"checkpoint {where} was saved at {was} with the distributed optimizer's state in the {sharding!r} format "
+        f"(the default), which only a run at the same tensor- and pipeline-parallel sizes can load; this run is at "
+        f"{now}. Resume at {was} (the data-parallel size may change); or {weights_only}. To change TP/PP with the "
+        f"optimizer state, save it with --dist-ckpt-optim-fully-reshardable (resume at {was} with that flag until "
+        "the next save)")
 
 
 def resume(load: str, iteration: int, meta: Dict[str, Any], backend, settings: Dict[str, Any], *,
@@ -366,7 +430,33 @@ def find(root: str) -> Optional[int]:
     if not text.isdigit():
         raise CheckpointError(f"{pointer} is corrupt (holds {text[:40]!r}, expected an iteration number); "
                               f"fix it to name one of the iter_* directories in {root}")
+    restore_interrupted_resave(root, int(text))
     return int(text)
+
+
+def restore_interrupted_resave(root: str, iteration: int) -> None:
+    """Undo a re-save of ``iteration`` that was killed between its two renames (:func:`save`).
+
+    Such a save has moved the complete previous ``iter_N`` to ``iter_N.old``
+    and not yet renamed ``iter_N.tmp`` to ``iter_N``: the pointer may name a
+    missing directory. ``iter_N.old`` is the copy the pointer named when the
+    save began, so it is renamed back. Every rank may call this at once: one
+    rename wins, the others then find ``iter_N`` in place.
+    """
+    final = iteration_dir(root, iteration)
+    old = final + ".old"
+    if os.path.isdir(final) or not os.path.isfile(os.path.join(old, "meta.json")):
+        return
+    try:
+        os.rename(old, final)
+    except OSError as e:
+        if not os.path.isdir(final):  # not another rank's rename: e.g. a read-only --load
+            raise CheckpointError(f"{final} is missing: a re-save of it was interrupted and left the previous copy "
+                                  f"in {old}, which cannot be renamed back ({e.strerror or e}); rename it to {final}, "
+                                  "then run again") from e
+        return
+    print(f"{final} was missing (a re-save of it was interrupted): restored the previous copy from {old}",
+          flush=True)
 
 
 def load_meta(root: str, iteration: int) -> Dict[str, Any]:

@@ -103,6 +103,7 @@ def run(args) -> dict:
         check_data(prior_meta.get("data"), data, args.allow_changed_on_resume, where,
                    log=print if dist.get_rank() == 0 else (lambda *a: None))
         if not args.no_load_optim and "imported_from" not in prior_meta:
+            ckpt.check_optimizer_resumable(prior_meta, args, settings, directory)
             check_schedule(prior_meta.get("args"), args, where)
     model, config = build_model(args, vocab)
     init_params_by_global_name(model, seed=args.seed, std=config.init_method_std, num_layers=args.num_layers)
