@@ -23,7 +23,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache, backend):
     train("--train-iters", "6", "--save", part, "--load", part, *REG, *backend, cache=cache)
     a, b = metrics(full), metrics(part)
     assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5, 6]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in ("lm_loss", "simreg_loss", "jreg_loss", "lr", "val_loss"):
             if key in ra:
                 assert abs(ra[key] - rb[key]) <= 1e-6 * max(1.0, abs(ra[key])), (key, ra, rb)
@@ -39,7 +39,7 @@ TP2 = ["--nproc-per-node", "2", "--tensor-model-parallel-size", "2", "--sequence
 def assert_same_run(full, part, keys=("lm_loss", "simreg_loss", "jreg_loss", "lr", "val_loss"), rel=1e-5):
     a, b = metrics(full), metrics(part)
     assert [r["iteration"] for r in b] == [r["iteration"] for r in a]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in keys:
             if key in ra:
                 assert abs(ra[key] - rb[key]) <= rel * max(1.0, abs(ra[key])), (key, ra, rb)

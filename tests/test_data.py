@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("sentencepiece")
-pytest.importorskip("megatron.core")
+import megatron.core  # noqa: E402,F401  (a hard import: a broken install must fail, not skip)
 
 import megatron_simreg.data.default_corpus as default_corpus  # noqa: E402
 from megatron_simreg.data import (  # noqa: E402

@@ -8,7 +8,7 @@ all layouts start from identical weights.
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
+import megatron.core  # noqa: E402,F401  (a hard import: a broken install must fail, not skip)
 
 from megatron_utils import (  # noqa: E402
     build_tiny_gpt,

@@ -3,7 +3,7 @@ training with SimReg and JREG under full recompute logs the same losses as witho
 
 import pytest
 
-pytest.importorskip("megatron.core", reason="megatron-core is not installed (tools/setup_env.sh installs it)")
+import megatron.core  # noqa: E402,F401  (a hard import: a broken install must fail, not skip)
 
 from megatron_utils import run_distributed  # noqa: E402
 

@@ -110,6 +110,20 @@ Adaptations (and why each is needed)
    ``found_inf``, the bf16 unit loss scale ``_scale_one``, the grad-norm
    all-reduce buffer and the distributed optimizer's state gather/scatter
    buffers are made with ``device="cuda"`` / ``torch.cuda.current_device()``.
+   ``clip_grads.get_grad_norm_fp32`` (also imported by ``optimizer.optimizer``)
+   is replaced, for the L2 norm, by :func:`_cpu_get_grad_norm_fp64`, which
+   accumulates the squares in float64 and all-reduces that float64 sum (the
+   result stays the Python float Megatron returns). Without TE/apex megatron
+   falls back to ``utils.local_multi_tensor_l2_norm``: one fp32 ``torch.norm``
+   per tensor, the norm of those norms, then that value squared and summed
+   over ranks in fp32. The result depends on how the tensors are cut: the
+   distributed optimizer shards the (embedding) buffer differently from one
+   process, so the same gradient gets a norm (and a clip factor) differing by
+   ~1e-5 relative, and in bf16 the rounding flips this starts grow over the
+   steps. In float64 the cut no longer shows at fp32 resolution, so the
+   layout tests can compare ``grad_norm`` (and, with clipping on, the losses)
+   tightly. Test/CPU-only like every adaptation here: on GPU megatron's own
+   fused fp32 kernel runs unmodified.
 
 7. CUDA tensor-type names in the optimizers' constructors.
    ``Float16OptimizerWithFloat16Params.__init__`` (optimizer.py) and
@@ -539,6 +553,31 @@ def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_deco
                 g.detach().mul_(clip_coeff)
 
 
+def _cpu_get_grad_norm_fp64(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+    """Megatron's ``get_grad_norm_fp32`` with the L2 norm's sum of squares accumulated in float64 (adaptation 6)."""
+    if float(norm_type) != 2.0:
+        return _ORIG_GET_GRAD_NORM(grads_for_norm, norm_type, grad_stats_parallel_group)
+    from megatron.core.utils import get_data_parallel_group_if_dtensor, to_local_if_dtensor
+
+    if isinstance(grads_for_norm, torch.Tensor):
+        grads_for_norm = [grads_for_norm]
+    data_parallel_group = None
+    for grad in grads_for_norm:
+        data_parallel_group = get_data_parallel_group_if_dtensor(grad, data_parallel_group)
+    total = torch.zeros(1, dtype=torch.float64)
+    for grad in grads_for_norm:
+        g = to_local_if_dtensor(grad).detach().reshape(-1).double()
+        total += torch.dot(g, g)
+    # float64 over the ranks too (every rank sends a float64 buffer, also a rank with no grads)
+    if data_parallel_group:
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=data_parallel_group)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=grad_stats_parallel_group)
+    return total.item() ** 0.5
+
+
+_ORIG_GET_GRAD_NORM = None
+
+
 def apply_cpu_adaptations() -> None:
     """Patch Megatron-core for CPU/gloo execution (idempotent; see module docstring)."""
     if torch.cuda.is_available():
@@ -592,6 +631,11 @@ def apply_cpu_adaptations() -> None:
         opt_mod = importlib.import_module("megatron.core.optimizer.optimizer")
         _set_attr(clip_mod, "clip_grad_by_total_norm_fp32", _cpu_clip_grad_by_total_norm_fp32)
         _set_attr(opt_mod, "clip_grad_by_total_norm_fp32", _cpu_clip_grad_by_total_norm_fp32)
+        # ... and its grad norm is a per-tensor fp32 norm (the float64 one keeps layouts comparable)
+        global _ORIG_GET_GRAD_NORM
+        _ORIG_GET_GRAD_NORM = _ORIG_GET_GRAD_NORM or clip_mod.get_grad_norm_fp32
+        _set_attr(clip_mod, "get_grad_norm_fp32", _cpu_get_grad_norm_fp64)
+        _set_attr(opt_mod, "get_grad_norm_fp32", _cpu_get_grad_norm_fp64)
 
         # 7. the optimizers sort params by CUDA tensor-type name in their constructors
         dist_opt_mod = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
