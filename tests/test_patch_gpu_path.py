@@ -8,8 +8,8 @@
 * Block recompute with ``layer_weighted`` JREG must not keep the checkpointed layers' distance graphs until backward.
 """
 
-import gc
-import weakref
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +22,8 @@ from test_megatron_patch import (  # noqa: E402
     FULL_UNIFORM, LM_DEFAULTS, SIMREG, _patched, assert_grads_match, assert_logged_exact, global_batch, reference,
     run_patched,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo tests; CPU adaptations refuse CUDA")
 
@@ -189,31 +191,12 @@ def test_distribute_saved_activations_is_exact(recompute):
 
 # ---- 8. memory held until backward -------------------------------------------------------------------------------
 
-class _Box:
-    """What autograd keeps for a saved tensor; alive exactly as long as the graph that saved it."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-
 def retained_saved_bytes(run):
-    """``(run(), bytes)``: the distinct storages of the tensors that ``run``'s autograd graphs still hold for backward
-    when it returns (counted through ``saved_tensors_hooks``)."""
-    live = weakref.WeakSet()
-
-    def pack(t):
-        box = _Box()
-        box.tensor = t
-        live.add(box)
-        return box
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
-        out = run()
-    gc.collect()
-    storages = {}
-    for box in list(live):
-        storage = box.tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return out, sum(storages.values())
+    """``tools/bench_jreg_memory.py``'s counter (the benchmark and this test measure the same thing)."""
+    spec = importlib.util.spec_from_file_location("bench_jreg_memory", ROOT / "tools" / "bench_jreg_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.retained_saved_bytes(run)
 
 
 def _retained_by_jreg(rank, world, weighting, dtype):

@@ -25,10 +25,14 @@ import torch
 
 
 class _Box:
+    """What autograd keeps for a saved tensor; alive exactly as long as the graph that saved it."""
+
     __slots__ = ("tensor", "__weakref__")
 
 
 def retained_saved_bytes(run):
+    """``(run(), bytes)``: the distinct storages of the tensors that ``run``'s autograd graphs still hold for backward
+    when it returns (counted through ``saved_tensors_hooks``; also used by ``tests/test_patch_gpu_path.py``)."""
     live = weakref.WeakSet()
 
     def pack(t):
