@@ -270,3 +270,19 @@ def test_tokenizer_larger_than_the_checkpoint_vocabulary(tmp_path, cache):
                 cache=cache, expect_ok=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "the tokenizer has 8192 tokens but the model's vocabulary has only 4096" in out.stderr
+
+
+@pytest.mark.parametrize("after,field", [(["--nproc-per-node", "2", "--tensor-model-parallel-size", "2"],
+                                          "tensor_model_parallel_size"),
+                                         (["--nproc-per-node", "2"], "data_parallel_size")], ids=["tp2", "dp2"])
+def test_deepspeed_refuses_a_layout_change_on_resume(tmp_path, cache, after, field):
+    """DeepSpeed's engine checkpoint is per rank and layout: a resume at another TP or DP size exits 2 before the
+    model is built, naming the field and the way out (export-hf / import-hf), and writes nothing."""
+    ds = ["--deepspeed", "--zero-stage", "1"]
+    save = str(tmp_path / "ds")
+    train("--train-iters", "4", "--exit-interval", "2", "--save", save, *ds, cache=cache)
+    before = sorted(os.listdir(save))
+    out = train("--train-iters", "4", "--save", save, "--load", save, *ds, *after, cache=cache, expect_ok=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert field in out.stderr and "export-hf" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert sorted(os.listdir(save)) == before
