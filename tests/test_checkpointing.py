@@ -6,8 +6,10 @@ global parallel state), on a tiny GPT over the cached stdlib corpus.
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -192,6 +194,33 @@ def test_a_crash_between_the_renames_of_a_resave_leaves_a_resumable_pointer(tmp_
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "6"
     assert os.path.isfile(os.path.join(save, "iter_0000004", "meta.json"))
     assert [r["iteration"] for r in metrics(save)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_real_sigkill_of_two_processes_in_the_middle_of_a_save_resumes_to_the_same_losses(tmp_path, cache,
+                                                                                              uninterrupted):
+    """``kill -9`` of the launcher and both ranks (the process group, as a node failure would) while torch_dist is
+    writing iteration 4's files: the pointer still names iteration 2, the next run resumes it and logs the
+    uninterrupted run's losses (the same processes and kernels as assert_same_run's other users: 1e-5)."""
+    save, marker = str(tmp_path / "run"), str(tmp_path / "paused")
+    flags = ["--train-iters", "4", "--save", save, "--save-interval", "2", *DP2, *REG]
+    cmd = [sys.executable, "-m", "megatron_simreg.cli", "train", *TINY, "--data-cache-path", cache, *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **fault_env("pause-at-fsync:iter_0000004.tmp"),
+           "MEGATRON_SIMREG_SAVE_FAULT_MARKER": marker}
+    with open(tmp_path / "killed.log", "w") as log:  # not a pipe: nothing of the killed group may hold the test
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # every process of the run, torch_dist's writer helpers included
+            proc.wait(timeout=30)
+    assert os.path.exists(marker), open(tmp_path / "killed.log").read()[-3000:]
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "2"
+    assert os.path.isdir(os.path.join(save, "iter_0000004.tmp"))
+    train(*flags, "--load", save, cache=cache)
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "4"
+    assert_same_run(uninterrupted(*DP2, *REG), save)
 
 
 def test_checkpoints_without_a_pointer_are_never_overwritten(tmp_path, cache):

@@ -8,6 +8,9 @@ alike: put this directory on ``PYTHONPATH`` (every spawned rank imports it at st
   ``iter_N`` aside (``iter_N.old`` exists), :class:`InjectedCrash` (a ``BaseException``, which no handler of the
   trainer catches) ends the process, leaving the disk as a kill there would. (Not a real SIGKILL: the torch_dist
   writer's multiprocessing manager would outlive it holding the test's output pipes.)
+* ``pause-at-fsync:<name>``: the first ``os.fsync`` of a file under a directory ``<name>`` (torch_dist's writer syncs
+  each file it writes, so this is inside ``dist_checkpointing.save``) creates the file named by
+  ``MEGATRON_SIMREG_SAVE_FAULT_MARKER`` and sleeps, so that a test can SIGKILL the whole process group mid-save.
 """
 
 import errno
@@ -38,3 +41,21 @@ elif _FAULT == "crash-between-renames":
         return _rename(src, dst, *args, **kwargs)
 
     os.rename = _crashing_rename
+elif _FAULT.startswith("pause-at-fsync:"):
+    import time
+
+    _name = _FAULT.split(":", 1)[1]
+    _fsync = os.fsync
+
+    def _pausing_fsync(fd):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}") if isinstance(fd, int) else ""
+        except OSError:
+            path = ""
+        if f"/{_name}/" in path:
+            with open(os.environ["MEGATRON_SIMREG_SAVE_FAULT_MARKER"], "a") as marker:
+                marker.write(f"{os.getpid()} {path}\n")
+            time.sleep(600)  # until the test kills the process group
+        return _fsync(fd)
+
+    os.fsync = _pausing_fsync
