@@ -177,20 +177,42 @@ def qwen(tmp_path_factory):
     return root, model.eval(), train
 
 
-def test_continued_qwen3_with_its_hf_tokenizer_has_the_hf_models_loss(qwen):
+@pytest.fixture(scope="module")
+def hf_losses(qwen):
+    """The HF model's losses on the 2 batches the continued runs train on (data-parallel size 1 in each)."""
     root, _, train = qwen
-    records = [json.loads(ln) for ln in open(root / "cont" / "metrics.jsonl")]
     code = ("import sys, json; from tools.gpu_acceptance import _hf_losses; "
             "print(json.dumps(_hf_losses(sys.argv[1:], 2)))")
     out = subprocess.run([sys.executable, "-c", code, str(root / "hf"), *train], cwd=ROOT, capture_output=True,
                          text=True, env=ENV, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
-    want = json.loads(out.stdout.strip().splitlines()[-1])
-    got = [r["lm_loss"] for r in records]
-    assert len(got) == 2 and all(abs(g - w) < 1e-4 for g, w in zip(got, want)), (got, want)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _assert_hf_loss(save, want):
+    """Each logged loss at lr 0 is the HF model's on the same tokens. 1e-4: fp32 on both sides, the same math in
+    another order (fused QKV, RoPE tables, softmax), a few ulp per op; measured ~1e-6."""
+    got = [json.loads(ln)["lm_loss"] for ln in open(save / "metrics.jsonl")]
+    assert len(got) == 2 and all(abs(g - w) < 1e-4 for g, w in zip(got, want, strict=True)), (got, want)
+
+
+def test_continued_qwen3_with_its_hf_tokenizer_has_the_hf_models_loss(qwen, hf_losses):
+    root, _, train = qwen
+    _assert_hf_loss(root / "cont", hf_losses)
     meta = json.load(open(root / "cont" / "iter_0000002" / "meta.json"))
     assert meta["model"]["qk_layernorm"] and meta["model"]["kv_channels"] == 16
     assert meta["tokenizer_type"] == "HuggingFaceTokenizer" and meta["hf_vocab_size"] == 300
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                    ["--pipeline-model-parallel-size", "2"]], ids=["tp2-sp", "pp2"])
+def test_an_import_trains_at_tp2_and_pp2_with_the_hf_models_loss(qwen, hf_losses, tmp_path, layout):
+    """The Megatron forward of an import at another layout (dist_checkpointing reshards the TP=2 import), not only
+    HF against HF: QK-norm, the vocabulary rows and the untied output layer all go through TP or PP here."""
+    _, _, train = qwen
+    out = run_cli("train", *train, "--nproc-per-node", "2", *layout, "--save", str(tmp_path / "cont"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    _assert_hf_loss(tmp_path / "cont", hf_losses)
 
 
 def test_export_after_continued_pretraining_gives_the_source_vocabulary_and_tokenizer(qwen):
