@@ -144,3 +144,30 @@ def keep_torch_adam_step() -> None:
 
 
 _ADAM_STEP_MARKER = "_megatron_simreg_keeps_adam_step"
+
+
+def load_dp_reshardable_without_grad() -> None:
+    """Run ``DistributedOptimizer.load_parameter_state_from_dp_reshardable`` under ``torch.no_grad()`` (idempotent).
+
+    megatron-core 0.16.1's loader of its default ``dp_reshardable`` format, unlike its ``fully_reshardable`` and
+    ``fs_model_space`` siblings, lacks ``@torch.no_grad()`` and copies into the main params in place; with fp32
+    weights those are views of the model's leaf params (``_build_model_and_main_param_groups``), so the copy raises
+    "a view of a leaf Variable that requires grad is being used in an in-place operation", on any device.
+    """
+    import torch
+
+    cls = resolve("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer")
+    original = cls.load_parameter_state_from_dp_reshardable
+    if getattr(original, _NO_GRAD_MARKER, False):
+        return
+
+    def load_parameter_state_from_dp_reshardable(self, state_dict):
+        with torch.no_grad():
+            return original(self, state_dict)
+
+    load_parameter_state_from_dp_reshardable.__wrapped__ = original
+    setattr(load_parameter_state_from_dp_reshardable, _NO_GRAD_MARKER, True)
+    cls.load_parameter_state_from_dp_reshardable = load_parameter_state_from_dp_reshardable
+
+
+_NO_GRAD_MARKER = "_megatron_simreg_no_grad"

@@ -144,9 +144,10 @@ class MegatronBackend:
         )
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
         self.scheduler = _scheduler(self.optimizer, args)
-        # without TE or apex (CPU, or a GPU image without them) the optimizer is torch's AdamW, whose resume
-        # megatron-core 0.16.1 breaks (KeyError: 'step')
+        # megatron-core 0.16.1's reload of the distributed optimizer: torch's AdamW (no TE or apex: CPU, or a GPU
+        # image without them) loses its 'step', and the default dp_reshardable format copies in place under autograd
         compat.keep_torch_adam_step()
+        compat.load_dp_reshardable_without_grad()
 
     @property
     def lr(self) -> float:
@@ -271,13 +272,7 @@ class MegatronBackend:
                                   "or not a Megatron torch_dist checkpoint: point --load at another checkpoint") from e
         self.model.module.load_state_dict(loaded["model"])
         if load_optim:
-            # no_grad: megatron-core 0.16.1's DistributedOptimizer.load_parameter_state_from_dp_reshardable (unlike
-            # its fully_reshardable and fs_model_space siblings) lacks @torch.no_grad(), and copies into the main
-            # params in place; with fp32 weights those are views of the model's leaf params
-            # (_build_model_and_main_param_groups), so the copy raises "a view of a leaf Variable that requires
-            # grad is being used in an in-place operation" (on any device)
-            with torch.no_grad():
-                self.optimizer.load_state_dict(loaded["optimizer"])
+            self.optimizer.load_state_dict(loaded["optimizer"])
             if self.args.override_opt_param_scheduler:
                 # megatron-core's param groups carry max_lr/min_lr, which the scheduler prefers to its own: the
                 # checkpoint's would silently win over the flags
