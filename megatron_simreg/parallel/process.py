@@ -28,3 +28,10 @@ def init_distributed() -> None:
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then destroy the default process group (a no-op when there is none)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

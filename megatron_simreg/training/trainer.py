@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..config import JRegConfig, SimRegConfig
 from ..megatron.init import init_params_by_global_name
 from ..parallel.comm import comm_device
-from ..parallel.process import init_distributed
+from ..parallel.process import init_distributed, shutdown_distributed
 from . import checkpoint as ckpt
 from .backends import DeepSpeedBackend, MegatronBackend, planted_nan_grad
 from .data import Batches, build_datasets
@@ -48,7 +48,22 @@ def _all_sum(values, group=None):
 
 
 def run(args) -> dict:
-    """Train; returns the last logged record. Every rank calls it."""
+    """Train; returns the last logged record. Every rank calls it.
+
+    A process group this call started is destroyed when the run ends normally, after every rank is done: a process
+    that exits with its group alive races the other ranks' teardown (NCCL warns that it may hang). After an error
+    the ranks may be out of step, so it is left to the process's exit."""
+    owned = not dist.is_initialized()
+    last = _train(args)
+    if owned:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+        shutdown_distributed()
+    return last
+
+
+def _train(args) -> dict:
     init_distributed()
     install_signal_handlers()
     on_gpu = torch.cuda.is_available()
