@@ -26,27 +26,46 @@ from trainer_utils import REAL, REG, KEYS, assert_same_training, metrics, refere
 #   over 4 iterations, Qwen attention at TP=2 7.5e-7 (jreg_loss), MoE at TP=2 with SP 1.2e-6 (jreg_loss),
 #   3.2e-7 (grad_norm), 1.2e-7 (moe_aux_loss).
 # - DeepSpeed computes its own (fp32) grad norm; ZeRO-2 at DP=2 matches ZeRO-1 on one process bitwise.
+# - Combined layouts (4 processes). Data parallelism adds no rounding, so TP2 x DP2 and PP2 x DP2 keep REORDER_TOL, and
+#   MoE at TP2 x DP2 with SP that of MoE at TP2 with SP. TP2 x PP2 chains both dimensions' reordered sums: TP's 4 and
+#   PP's 2 (the tied embedding's gradient, the per-stage JREG terms), 6 * K * 2**-24 = 1.1e-5, so COMBINED_TOL =
+#   1.2e-5. Measured over 4 iterations: TP2 x DP2 (distributed optimizer) 2.2e-6 (simreg_loss), 1.4e-6 (grad_norm);
+#   TP2 x PP2 with SP 8.1e-7 (jreg_loss), 4.3e-8 (grad_norm); PP2 x DP2 (distributed optimizer) 4.7e-7 (jreg_loss);
+#   MoE TP2 x DP2 with SP 1.2e-6 (jreg_loss), 3.2e-7 (grad_norm). Each fails on a planted bug of its kind at
+#   iteration 1's grad_norm: a 1/DP factor (scale_grads.py) on TP2 x DP2 (50%); the tied embedding's gradient not
+#   summed over the stages (SIMREG_PLANT_SKIP=embedding, tests/shims/skip_finalize_step.py) on TP2 x PP2 and
+#   PP2 x DP2 (8.2%); the SP norm and router gradients not summed over TP (SIMREG_PLANT_SKIP=tp) on TP2 x PP2 and
+#   MoE (1.1e-4 and 1.2e-4: caught with a margin of 9x over these tolerances).
 # A planted 2x or 1/DP gradient factor changes grad_norm by 100% / 50% at iteration 1 (and, with Adam and
 # clipping at 1.0 against norms 1.7-2.1, the losses by only ~1e-6): see test_the_comparison_sees_a_gradient_factor.
 EXACT = 0.0
 REORDER_TOL = 1e-5
 DP2 = ["--nproc-per-node", "2"]
 DS1 = ["--deepspeed", "--zero-stage", "1"]
+DP4, TP2, PP2 = ["--nproc-per-node", "4"], ["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]
+COMBINED_TOL = 1.2e-5
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01"]
+LAYER_WEIGHTED = ["--jreg-weighting", "layer_weighted"]  # every pipeline stage has a JREG term
 
 
 @pytest.mark.parametrize("layout,ref_flags,tol", [
     ([*DP2, "--tensor-model-parallel-size", "2", "--sequence-parallel", *DS1], DS1, REORDER_TOL),
     ([*DP2, "--deepspeed", "--zero-stage", "2"], DS1, EXACT),
     ([*DP2, "--tensor-model-parallel-size", "2", "--sequence-parallel"], [], REORDER_TOL),
-    ([*DP2, "--pipeline-model-parallel-size", "2", "--jreg-weighting", "layer_weighted"],
-     ["--jreg-weighting", "layer_weighted"], REORDER_TOL),
+    ([*DP2, "--pipeline-model-parallel-size", "2", *LAYER_WEIGHTED], LAYER_WEIGHTED, REORDER_TOL),
     ([*DP2, "--calculate-per-token-loss"], [], EXACT),
-], ids=["ds-zero1-tp2-sp", "ds-zero2-dp2", "megatron-tp2-sp", "megatron-pp2", "megatron-dp2-per-token"])
+    # combined layouts, 4 processes
+    ([*DP4, *TP2, "--use-distributed-optimizer"], [], REORDER_TOL),
+    ([*DP4, *TP2, *PP2, "--sequence-parallel", *LAYER_WEIGHTED], LAYER_WEIGHTED, COMBINED_TOL),
+    ([*DP4, *PP2, "--use-distributed-optimizer", *LAYER_WEIGHTED], LAYER_WEIGHTED, REORDER_TOL),
+    ([*DP4, *TP2, "--sequence-parallel", "--use-distributed-optimizer", *MOE], MOE, REORDER_TOL),
+], ids=["ds-zero1-tp2-sp", "ds-zero2-dp2", "megatron-tp2-sp", "megatron-pp2", "megatron-dp2-per-token",
+        "megatron-tp2-dp2-distopt", "megatron-tp2-pp2-sp", "megatron-pp2-dp2-distopt", "moe-tp2-sp-dp2-distopt"])
 def test_parallel_layouts_train_the_same(tmp_path, cache, layout, ref_flags, tol):
     single = reference(*REAL, *REG, *ref_flags, cache=cache)
     multi = str(tmp_path / "multi")
     train(*REAL, "--save", multi, *REG, *layout, cache=cache)
-    assert_same_training(single, multi, tol)
+    assert_same_training(single, multi, tol, keys=(*KEYS, "moe_aux_loss") if MOE[0] in layout else KEYS)
 
 
 @pytest.mark.parametrize("factor", ["2", "1/dp"])
@@ -78,10 +97,8 @@ def test_qwen_attention_under_tp2_trains_the_same(tmp_path, cache, backend):
 
 @pytest.mark.parametrize("backend", [[], DS1], ids=["megatron", "deepspeed"])
 def test_moe_tp2_sp_trains_the_same(tmp_path, cache, backend):
-    moe = [*REAL, "--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", *REG, *backend]
-    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    train("--save", single, *moe, cache=cache)
-    train("--save", multi, *DP2, "--tensor-model-parallel-size", "2", "--sequence-parallel", *moe, cache=cache)
+    single, multi = reference(*REAL, *REG, *MOE, *backend, cache=cache), str(tmp_path / "multi")
+    train(*REAL, "--save", multi, *REG, *MOE, *backend, *DP2, *TP2, "--sequence-parallel", cache=cache)
     assert_same_training(single, multi, REORDER_TOL, keys=(*KEYS, "moe_aux_loss"))
 
 
