@@ -14,14 +14,17 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help)
+DESCRIPTION = "SimReg and JREG for Megatron-core pretraining: train, convert to and from Hugging Face, compare, submit."
+# name -> (module, one-line help, plain text: argparse prints it as is)
 _C = "megatron_simreg.commands."
 COMMANDS = {
     "demo": (_C + "demo", "CPU demo: a tiny GPT trained with and without SimReg, with a report"),
     "train": (_C + "train", "pretrain a GPTModel (Megatron-LM flags, --config YAML)"),
     "env": (_C + "env", "versions, CUDA, TransformerEngine and NVIDIA apex"),
-    "export-hf": (_C + "export_hf", "checkpoint -> Hugging Face (Llama / Mixtral), --verify parity"),
-    "import-hf": (_C + "import_hf", "Hugging Face Llama / Mixtral -> checkpoint for train --load"),
+    "export-hf": (_C + "export_hf", "checkpoint -> Hugging Face Llama, Qwen2, Qwen3, Mixtral or Qwen3-MoE (an "
+                  "imported Mistral exports as Llama), --verify parity"),
+    "import-hf": (_C + "import_hf", "Hugging Face Llama, Mistral, Qwen2, Qwen3, Mixtral or Qwen3-MoE -> checkpoint "
+                  "for train --load"),
     "submit": (_C + "submit", "submit train to SLURM: multi-node, preemption-safe auto-resume"),
     "status": (_C + "status", "a submitted run's SLURM state, last iteration and metrics"),
     "compare": (_C + "compare", "baseline vs SimReg vs JREG over models and seeds: runs, evaluation, "
@@ -31,7 +34,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-simreg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="megatron-simreg", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -41,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from . import known_warnings
+
+    known_warnings.install()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[argv[0]][0])

@@ -1,12 +1,48 @@
 """Fixtures shared by the test modules."""
 
+import shutil
+import tempfile
+
 import pytest
+
+from trainer_utils import train
 
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     """One data cache for the session: the default corpus and tokenizer are prepared once into it (~9 s)."""
     return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    """The uninterrupted 4-iteration runs the resumed ones are compared with (each trained once)."""
+    runs = {}
+
+    def get(*flags):
+        if flags not in runs:
+            runs[flags] = str(tmp_path_factory.mktemp("full"))
+            train("--train-iters", "4", "--save", runs[flags], *flags, cache=cache)
+        return runs[flags]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, cache):
+    """A copy of a 4-iteration run stopped after iteration 2 (``--exit-interval 2``), trained once per flags: tests
+    that resume it, or are refused, share the run."""
+    runs = {}
+
+    def get(*flags):
+        if flags not in runs:
+            runs[flags] = str(tmp_path_factory.mktemp("interrupted") / "run")
+            train("--train-iters", "4", "--save", runs[flags], "--exit-interval", "2", *flags, cache=cache)
+        copy = tempfile.mkdtemp(prefix="resume-", dir=tmp_path_factory.getbasetemp())
+        shutil.copytree(runs[flags], copy, dirs_exist_ok=True)
+        return copy
+
+    return get
 
 
 # No silent skips: a skip whose reason is not in tests/expected_skips.txt fails the run (see tests/skip_policy.py).

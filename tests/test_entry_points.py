@@ -1,6 +1,7 @@
 """The demo, the example and the benchmark run (tiny sizes; they are smoke tests, not timings)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,65 @@ def test_cli_demo_tiny(tmp_path, cache):
     assert "fewer than 3 seeds: no claim can be made" in report  # two seeds: no interval, no claim
     assert (tmp_path / "demo" / "val_loss.png").stat().st_size > 1000
     assert "report:" in out
+
+
+def test_the_demos_training_run_hides_only_the_known_warnings(tmp_path, cache):
+    """The demo's first training run (its config and seed; 2 iterations): one notice line replaces megatron-core's
+    fallback warnings, none of the known warnings is printed, and a warning nobody knows (planted as
+    megatron-core's, with a new message) still is."""
+    import warnings
+
+    from megatron_simreg import known_warnings
+    from megatron_simreg.commands import demo
+
+    shim = ROOT / "tests" / "shims" / "plant_unknown_warning.py"
+    out = subprocess.run([sys.executable, str(shim), "train", "--config", str(demo.CONFIG), "--seed", "1",
+                          "--train-iters", "2", "--lr-warmup-iters", "1", "--eval-iters", "1", "--save", str(tmp_path / "run"), "--data-cache-path", cache],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("TransformerEngine/apex not installed") == 1, out.stdout
+    assert "planted: a megatron-core warning nobody has seen before" in out.stderr, out.stderr[-3000:]
+    for line in out.stderr.splitlines():
+        for category, _, message in known_warnings.KNOWN:
+            assert not (category.__name__ in line and re.search(message, line)), line
+    assert "full scope is deprecated" not in out.stderr  # not filtered: no longer triggered (compat)
+    # the filter is exact: a known message from another module, or another message from the known module, shows
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert known_warnings.install()
+        fallback = "Apex is not installed. Falling back to Torch Norm"
+        warnings.warn_explicit(fallback, UserWarning, "x.py", 1, module="megatron.core.models.backends")
+        warnings.warn_explicit(fallback, UserWarning, "x.py", 1, module="my_package")
+        warnings.warn_explicit("Apex is installed", UserWarning, "x.py", 1, module="megatron.core.models.backends")
+    assert [(w.message.args[0], w.filename) for w in seen] == [(fallback, "x.py"), ("Apex is installed", "x.py")]
+
+
+def test_explicit_warning_options_turn_the_filter_off(monkeypatch):
+    from megatron_simreg import known_warnings
+
+    monkeypatch.setattr(sys, "warnoptions", ["default"])
+    assert known_warnings.install() is False
+
+
+def test_help_is_plain_text_and_lists_what_each_command_accepts(capsys):
+    """argparse prints help as is: no reStructuredText; import-hf/export-hf name every accepted HF model type."""
+    from megatron_simreg import cli
+    from megatron_simreg.conversion.hf_side import ACCEPTED_MODEL_TYPES
+
+    texts = {"": cli.build_parser().format_help()}
+    for name in cli.COMMANDS:
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        texts[name] = capsys.readouterr().out
+    for name, text in texts.items():
+        assert text.strip() and not re.search(r"``|:(mod|func|class|data|meth):", text), (name, text)
+    shown = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
+             "qwen3_moe": "Qwen3-MoE"}
+    assert set(shown) == set(ACCEPTED_MODEL_TYPES)
+    for name in ("import-hf", "export-hf"):
+        for model_type in ACCEPTED_MODEL_TYPES:
+            assert shown[model_type] in " ".join(texts[""].split()), (name, model_type)
+        assert cli.COMMANDS[name][1] in " ".join(texts[name].split())
 
 
 def test_demo_default_config_exists():

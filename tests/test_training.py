@@ -8,7 +8,7 @@ global parallel state), on a tiny GPT over the cached stdlib corpus.
 
 import pytest
 
-from trainer_utils import REAL, REG, KEYS, assert_same_training, metrics, reference, train
+from trainer_utils import KEYS, REAL, REG, TINY, assert_same_training, metrics, reference, train
 
 # Tolerances of the layout comparisons (assert_same_training: relative, per iteration, on lm_loss, simreg_loss,
 # jreg_loss and the pre-clip grad_norm, over 4 updates at warmup 0).
@@ -106,12 +106,21 @@ def test_moe_tp2_sp_trains_the_same(tmp_path, cache, backend):
     (["--hidden-size", "30"], "divisible by --num-attention-heads"),
     (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
     (["--deepspeed", "--pipeline-model-parallel-size", "2"], "not supported"),
-    (["--data-path", "/nonexistent/prefix", "--tokenizer-model", "/nonexistent.model"], "nonexistent"),
     (["--save-interval", "2"], "needs --save"),
 ])
-def test_bad_flags(cache, flags, message):
-    out = train("--train-iters", "2", *flags, cache=cache, expect_ok=False, timeout=200)
-    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+def test_bad_flags(capsys, flags, message):
+    """Refused while the flags are parsed (in-process: the same parser the CLI runs; one end-to-end case below)."""
+    from megatron_simreg.training.args import parse_train_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_train_args([*TINY, "--train-iters", "2", *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_data_is_one_error_line(cache):
+    out = train("--train-iters", "2", "--data-path", "/nonexistent/prefix", "--tokenizer-model", "/nonexistent.model",
+                cache=cache, expect_ok=False, timeout=200)
+    assert out.returncode == 2 and "nonexistent" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
 def test_config_file_and_flag_precedence(tmp_path, cache):

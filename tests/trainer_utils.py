@@ -83,3 +83,14 @@ def assert_same_training(ref_save, other_save, tol, keys=KEYS):
             assert diff <= t * abs(ra[key]), (
                 f"iteration {ra['iteration']} {key}: {ra[key]!r} vs {rb[key]!r}, "
                 f"relative difference {diff / abs(ra[key]):.3g} > {t:g}")
+
+
+def assert_same_run(full, part, keys=("lm_loss", "simreg_loss", "jreg_loss", "lr", "val_loss"), rel=1e-5):
+    """A resumed run ``part`` logged the iterations of the uninterrupted ``full`` with the same ``keys`` (relative
+    ``rel``, absolute below 1; 0: bitwise)."""
+    a, b = metrics(full), metrics(part)
+    assert [r["iteration"] for r in b] == [r["iteration"] for r in a]
+    for ra, rb in zip(a, b, strict=True):
+        for key in keys:
+            if key in ra:
+                assert abs(ra[key] - rb[key]) <= rel * max(1.0, abs(ra[key])), (key, ra, rb)

@@ -55,7 +55,8 @@ def add_arguments(p):
 def _parser():
     p = argparse.ArgumentParser(prog="megatron-simreg submit",
                                 usage="megatron-simreg submit [options] -- <train flags or --config FILE>",
-                                description=__doc__.splitlines()[0])
+                                description="a multi-node SLURM job for megatron-simreg train, preemption-safe: "
+                                            "it resumes from its last checkpoint when requeued")
     add_arguments(p)
     return p
 

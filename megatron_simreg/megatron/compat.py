@@ -89,6 +89,19 @@ def replace_layer_output_hidden(output, hidden):
     return hidden
 
 
+def transformer_config_defaults() -> dict:
+    """TransformerConfig values that spell a field's default in its current form: 0.16's default
+    ``cuda_graph_scope="full"`` warns that it is deprecated for the equivalent ``[]`` (the whole layer) on every
+    config built; releases without the field get nothing."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TransformerConfig)}
+    scope = fields.get("cuda_graph_scope")
+    return {"cuda_graph_scope": []} if scope is not None and scope.default == "full" else {}
+
+
 def define_moe_te_gemm() -> None:
     """Without TransformerEngine, 0.16's MoE router reads ``moe_utils.te_general_gemm``, which its failed TE import
     leaves undefined (``NameError`` on the first forward); ``None`` selects its existing ``torch.mm`` path."""

@@ -86,6 +86,7 @@ def transformer_config(shape: GPTShape, *, tp=1, pp=1, cp=1, sp=False, dtype=tor
         kwargs.update(num_moe_experts=shape.num_experts, moe_router_topk=shape.moe_router_topk,
                       moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
                       moe_ffn_hidden_size=shape.moe_ffn_hidden_size, moe_router_pre_softmax=shape.moe_router_pre_softmax)
+    kwargs.update(compat.transformer_config_defaults())
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

@@ -63,6 +63,9 @@ def _die_with_parent(launcher_pid: int) -> None:
 
 def _child(rank: int, world: int, port: int, argv, launcher_pid: int, errors_dir: str):
     _die_with_parent(launcher_pid)
+    from .. import known_warnings
+
+    known_warnings.install()  # a spawned worker does not inherit the launcher's warning filters
     from .signals import install_signal_handlers
 
     install_signal_handlers()  # a signal during start-up (imports, data) stops the run at its first step

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import known_warnings
 from ..config import JRegConfig, SimRegConfig
 from ..megatron.init import init_params_by_global_name
 from ..parallel.comm import comm_device
@@ -66,6 +67,8 @@ def run(args) -> dict:
 def _train(args) -> dict:
     init_distributed()
     install_signal_handlers()
+    if dist.get_rank() == 0 and (line := known_warnings.notice()):
+        print(line, flush=True)
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         if args.context_parallel_size > 1:
