@@ -24,7 +24,8 @@ KNOWN = (
     # torch's deprecations of APIs megatron-core's checkpointing and distributed optimizer call
     (FutureWarning, r"torch\.distributed\.c10d_logger",
      r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
-    (FutureWarning, r"torch\.distributed\.checkpoint\.", r"Please use DTensor instead and we are deprecating ShardedTensor"),
+    (FutureWarning, r"torch\.distributed\.checkpoint\.",
+     r"Please use DTensor instead and we are deprecating ShardedTensor"),
     (FutureWarning, r"megatron\.core\.dist_checkpointing\.", r"`load_state_dict` is deprecated"),
 )
 

@@ -40,9 +40,11 @@ def test_the_demos_training_run_hides_only_the_known_warnings(tmp_path, cache):
     from megatron_simreg.commands import demo
 
     shim = ROOT / "tests" / "shims" / "plant_unknown_warning.py"
-    out = subprocess.run([sys.executable, str(shim), "train", "--config", str(demo.CONFIG), "--seed", "1",
-                          "--train-iters", "2", "--lr-warmup-iters", "1", "--eval-iters", "1", "--save", str(tmp_path / "run"), "--data-cache-path", cache],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    short = ["--train-iters", "2", "--lr-warmup-iters", "1", "--eval-iters", "1"]
+    out = subprocess.run([sys.executable, str(shim), "train", "--config", str(demo.CONFIG), "--seed", "1", *short,
+                          "--save", str(tmp_path / "run"), "--data-cache-path", cache],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("TransformerEngine/apex not installed") == 1, out.stdout
     assert "planted: a megatron-core warning nobody has seen before" in out.stderr, out.stderr[-3000:]

@@ -22,6 +22,7 @@ def main(args) -> int:
 if __name__ == "__main__":
     import argparse
 
-    _p = argparse.ArgumentParser(prog="megatron-simreg status", description="a submitted run's SLURM state, last iteration and last metrics")
+    _p = argparse.ArgumentParser(prog="megatron-simreg status",
+                                 description="a submitted run's SLURM state, last iteration and last metrics")
     add_arguments(_p)
     sys.exit(main(_p.parse_args()))
