@@ -228,3 +228,15 @@ def test_a_save_is_fsynced_before_it_becomes_visible(tmp_path, monkeypatch):
     assert before.index(("fsync", tmp)) > before.index(("fsync", os.path.join(tmp, "shard.bin")))
     assert ("fsync", root) in events[i_rename:i_pointer], events
     assert ("fsync", root) in events[i_pointer:], events
+
+
+def test_rendezvous_ports_come_from_below_the_ephemeral_range(monkeypatch):
+    """A port from the ephemeral range can be given to an outgoing connection between free_port() and rank 0's bind
+    (EADDRINUSE, seen once in about 300 rendezvous under load); below it only another free_port() can take it."""
+    from megatron_simreg.parallel import process
+
+    low = process._ephemeral_low()
+    assert low > process.LOWEST_PORT + 1000, f"this machine's ephemeral range starts at {low}"
+    assert all(process.LOWEST_PORT <= process.free_port() < low for _ in range(20))
+    monkeypatch.setattr(process, "_bindable", lambda port: False)  # every pick in use: the kernel picks one
+    assert process.free_port() >= low

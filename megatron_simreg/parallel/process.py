@@ -3,14 +3,48 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 import torch
 import torch.distributed as dist
 
 
+LOWEST_PORT = 10000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux; 0 when unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for single-machine rendezvous)."""
+    """A TCP port on 127.0.0.1 that nothing uses now, for single-machine rendezvous.
+
+    Rank 0 binds it seconds later, after its imports. A port from the kernel's ephemeral range can meanwhile be given
+    to any outgoing connection (gloo opens many), which failed a rendezvous with EADDRINUSE once in about 300 on a
+    loaded 2-core machine; below that range only another caller of this function could take it. Falls back to a port
+    the kernel picks when the range's lower end is unknown or leaves no room."""
+    low = _ephemeral_low()
+    if low > LOWEST_PORT + 1000:
+        pick = random.SystemRandom()  # not the seeded global generator: concurrent callers must not agree
+        for _ in range(64):
+            port = pick.randrange(LOWEST_PORT, low)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
