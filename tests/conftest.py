@@ -14,32 +14,34 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data_cache"))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache):
-    """The uninterrupted 4-iteration runs the resumed ones are compared with (each trained once)."""
+def _trained_once(tmp_path_factory, cache, *run):
+    """``get(*flags)``: the save directory of ``train(*run, *flags)``, trained once per flags in this module."""
     runs = {}
 
     def get(*flags):
         if flags not in runs:
-            runs[flags] = str(tmp_path_factory.mktemp("full"))
-            train("--train-iters", "4", "--save", runs[flags], *flags, cache=cache)
+            runs[flags] = str(tmp_path_factory.mktemp("run") / "save")
+            train("--train-iters", "4", "--save", runs[flags], *run, *flags, cache=cache)
         return runs[flags]
 
     return get
 
 
 @pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    """The uninterrupted 4-iteration runs the resumed ones are compared with."""
+    return _trained_once(tmp_path_factory, cache)
+
+
+@pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, cache):
     """A copy of a 4-iteration run stopped after iteration 2 (``--exit-interval 2``), trained once per flags: tests
     that resume it, or are refused, share the run."""
-    runs = {}
+    trained = _trained_once(tmp_path_factory, cache, "--exit-interval", "2")
 
     def get(*flags):
-        if flags not in runs:
-            runs[flags] = str(tmp_path_factory.mktemp("interrupted") / "run")
-            train("--train-iters", "4", "--save", runs[flags], "--exit-interval", "2", *flags, cache=cache)
         copy = tempfile.mkdtemp(prefix="resume-", dir=tmp_path_factory.getbasetemp())
-        shutil.copytree(runs[flags], copy, dirs_exist_ok=True)
+        shutil.copytree(trained(*flags), copy, dirs_exist_ok=True)
         return copy
 
     return get

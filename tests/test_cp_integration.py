@@ -111,7 +111,7 @@ def _step(normalization: str, per_token: bool):
             loss = loss / num_tokens.clamp_min(1) / M
         loss.backward()
         tokens_counted += float(num_tokens)
-        pieces.append({k: v for k, v in mb.items()})
+        pieces.append(mb)
     end_step()
     logged = report_losses(dp_group=ps.get_data_parallel_group())
     grads = [[x.grad for x in st] for st in states]
