@@ -359,6 +359,46 @@ def test_unsupported_version_and_moved_symbol_are_named(monkeypatch):
         compat.resolve("megatron.core.models.gpt.gpt_model", "GPTModelV2")
 
 
+def _without_loss_mask(rank, world):
+    from megatron_simreg.megatron import apply_to_megatron, begin_step, end_step
+    from megatron_simreg.megatron.step import STEP
+
+    model, _ = build_tiny_gpt()
+    ids, labels, mask = global_batch()
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    simreg, jreg = ms.SimRegConfig(normalization="micro_batch", **SIMREG), ms.JRegConfig(**JREG)
+
+    def grads(**kw):
+        model.zero_grad()
+        model(ids, pos, None, labels=labels, **kw).sum().backward()
+        return gather_full_grads(model)
+
+    apply_to_megatron(simreg=simreg, jreg=jreg)
+    try:
+        grads()
+        refused = "no error"
+    except ValueError as e:
+        refused = str(e)
+    masked = grads(loss_mask=mask)
+    STEP.current_microbatch = 0
+    begin_step(loss_masks=[mask])  # as the Megatron-LM adapter gives it to stages called without loss_mask
+    from_step = grads()
+    end_step()
+    apply_to_megatron(simreg=simreg, jreg=jreg, every_token_counts=True)
+    every_token = grads()
+    all_ones = grads(loss_mask=torch.ones_like(mask))
+    return refused, masked, from_step, every_token, all_ones
+
+
+def test_a_training_forward_without_loss_mask_is_refused_unless_told_what_counts():
+    """Megatron-Bridge's gpt_step never passes loss_mask; before issue 25 the patch then counted every token."""
+    refused, masked, from_step, every_token, all_ones = run_distributed(_without_loss_mask, 1, timeout=120)[0]
+    assert "without loss_mask" in refused and "every_token_counts=True" in refused
+    assert_grads_match(from_step, masked)  # the step's mask (begin_step) is the one passed to forward
+    assert_grads_match(every_token, all_ones)
+    assert max(rel_err(every_token[k], masked[k]) for k in masked) > 1e-3  # the mask matters in this batch
+
+
 def _packed(rank, world):
     from megatron.core.packed_seq_params import PackedSeqParams
 

@@ -78,7 +78,7 @@ def worker(args) -> dict:
     simreg = SimRegConfig(weight=0.1, impl=args.impl) if "simreg" in args.variant else None
     jreg = JRegConfig() if "jreg" in args.variant else None
     if simreg or jreg:
-        apply_to_megatron(simreg=simreg, jreg=jreg)
+        apply_to_megatron(simreg=simreg, jreg=jreg, every_token_counts=True)  # random tokens: no mask
     device = "cuda" if on_gpu else "cpu"
     b, s, m = p["micro_batch_size"], p["seq_length"], p["num_microbatches"]
     g = torch.Generator().manual_seed(0)

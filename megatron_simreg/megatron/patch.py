@@ -35,9 +35,15 @@ What is read, and where:
   ``representation="post_norm"``) or the last layer's output (``"pre_norm"``),
   with the ``labels`` and ``loss_mask`` passed to ``GPTModel.forward``. With
   MTP, the decoder output is the main model's only; MTP runs later.
-* Valid tokens are ``loss_mask == 1`` (all tokens when the model gets no
-  ``loss_mask``): pass ``loss_mask`` to ``GPTModel.forward``, as Megatron-LM's
-  ``pretrain_gpt`` does, so that both terms see the LM loss's tokens.
+* Valid tokens are ``loss_mask == 1``: pass ``loss_mask`` to
+  ``GPTModel.forward`` so that both terms see the LM loss's tokens. A
+  training forward without one takes the step's mask from
+  :func:`.step.begin_step` (``loss_masks``; the Megatron-LM adapter gives
+  them, since Megatron-LM passes ``loss_mask`` to the last pipeline stage
+  only), or counts every token when ``apply_to_megatron(...,
+  every_token_counts=True)`` says so, and is refused otherwise: a driver
+  that never passes it (Megatron-Bridge's ``gpt_step``) would silently make
+  prompt and padding tokens anchors.
 * ``schedules.forward_step`` is wrapped to record the number of micro-batches
   and the fp16 loss scale, exactly what Megatron records for its MoE loss.
 * CUDA graphs (``config.cuda_graph_impl`` other than ``"none"``, Megatron-LM's
@@ -58,7 +64,7 @@ import inspect
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -75,16 +81,20 @@ MARKER = "_megatron_simreg_patched"
 class _Active:
     simreg: Optional[SimRegConfig]
     jreg: Optional[JRegConfig]
+    every_token_counts: bool = False
 
 
 _ACTIVE = _Active(None, None)
 
 
-def apply_to_megatron(simreg: Optional[SimRegConfig] = None, jreg: Optional[JRegConfig] = None) -> None:
+def apply_to_megatron(simreg: Optional[SimRegConfig] = None, jreg: Optional[JRegConfig] = None, *,
+                      every_token_counts: bool = False) -> None:
     """Patch Megatron-core so that GPTModel trains with SimReg and/or JREG.
 
-    Idempotent: a second call only replaces the configs. ``None`` disables a
-    term. Raises ``RuntimeError`` for an unsupported megatron-core version or
+    Idempotent: a second call only replaces the settings. ``None`` disables a
+    term. ``every_token_counts``: a training forward called without
+    ``loss_mask`` (and no mask from ``begin_step``) counts every token as
+    valid instead of raising. Raises ``RuntimeError`` for an unsupported megatron-core version or
     a moved symbol, before anything is patched.
     """
     if simreg is not None and not isinstance(simreg, SimRegConfig):
@@ -94,7 +104,7 @@ def apply_to_megatron(simreg: Optional[SimRegConfig] = None, jreg: Optional[JReg
     compat.check_version()
     gpt_model = compat.gpt_model_class()
     schedules = compat.schedules_module()
-    _ACTIVE.simreg, _ACTIVE.jreg = simreg, jreg
+    _ACTIVE.simreg, _ACTIVE.jreg, _ACTIVE.every_token_counts = simreg, jreg, bool(every_token_counts)
     if getattr(gpt_model, MARKER, False):
         return
     gpt_model.forward = _wrap_gpt_forward(gpt_model.forward)
@@ -116,10 +126,16 @@ def undo_megatron_patch() -> None:
     schedules.forward_step = schedules.forward_step.__wrapped__
     delattr(gpt_model, MARKER)
     _ACTIVE.simreg = _ACTIVE.jreg = None
+    _ACTIVE.every_token_counts = False
 
 
 def is_patched() -> bool:
     return bool(getattr(compat.gpt_model_class(), MARKER, False))
+
+
+def active_configs() -> Tuple[Optional[SimRegConfig], Optional[JRegConfig], bool]:
+    """``(simreg, jreg, every_token_counts)`` as last given to :func:`apply_to_megatron` (Nones when unpatched)."""
+    return _ACTIVE.simreg, _ACTIVE.jreg, _ACTIVE.every_token_counts
 
 
 class _Capture:
@@ -324,7 +340,8 @@ def _check_recorded(model, cap: _Capture) -> None:
         )
 
 
-def _refuse_cuda_graphs(config) -> None:
+def refuse_cuda_graphs(config) -> None:
+    """Raise if ``config`` (a TransformerConfig, or Megatron-LM's args: same names) turns CUDA graphs on."""
     impl = getattr(config, "cuda_graph_impl", "none")
     legacy = [f for f in ("enable_cuda_graph", "external_cuda_graph") if getattr(config, f, False)]
     if (impl is not None and impl != "none") or legacy:
@@ -338,6 +355,30 @@ def _refuse_cuda_graphs(config) -> None:
         )
 
 
+def _missing_loss_mask(b: int, s_cp: int, device) -> torch.Tensor:
+    """``[b, s_cp]``: the mask of a training forward called without ``loss_mask`` (see the module docstring)."""
+    if STEP.loss_masks is not None and STEP.current_microbatch is not None:
+        full = STEP.loss_masks[STEP.current_microbatch]
+        from megatron.core.utils import get_batch_on_this_cp_rank  # the slicing Megatron's data path applies
+
+        mask = get_batch_on_this_cp_rank({"loss_mask": full.to(device)})["loss_mask"]
+        if tuple(mask.shape) != (b, s_cp):
+            raise ValueError(f"megatron-simreg: the step's loss mask for micro-batch {STEP.current_microbatch} has "
+                             f"shape {tuple(full.shape)} (this context-parallel rank's part: {tuple(mask.shape)}), "
+                             f"but the model's micro-batch is [b, s] = {[b, s_cp]}; begin_step(loss_masks=...) takes "
+                             "one full-sequence [b, s] mask per micro-batch")
+        return mask
+    if _ACTIVE.every_token_counts:
+        return torch.ones(b, s_cp, device=device)
+    raise ValueError(
+        "megatron-simreg: GPTModel.forward was called in training without loss_mask, so SimReg/JREG cannot tell "
+        "prompt or padding tokens from valid ones. Pass loss_mask to the model in your forward_step (Megatron-LM's "
+        "pretrain_gpt does; for Megatron-Bridge, use a forward_step that calls model(..., labels=labels, "
+        "loss_mask=loss_mask)), or say that every token counts: apply_to_megatron(..., every_token_counts=True) "
+        "(Megatron-LM adapter: --reg-every-token-counts)."
+    )
+
+
 def _attach(model, out, cap: _Capture, labels, loss_mask):
     layout = _layout(model)
     simreg, jreg = _ACTIVE.simreg, _ACTIVE.jreg
@@ -345,9 +386,9 @@ def _attach(model, out, cap: _Capture, labels, loss_mask):
     if jreg is not None or pre_norm:
         _check_recorded(model, cap)
     s_local, b, device = (*cap.final.shape[:2], cap.final.device) if cap.final is not None else cap.first
-    if loss_mask is None:  # every token is valid; the mask spans this CP rank's sequence
+    if loss_mask is None:  # the mask spans this CP rank's sequence
         s_cp = labels.shape[1] if labels is not None else s_local * (layout.tp if layout.sequence_parallel else 1)
-        loss_mask = torch.ones(b, s_cp, device=device)
+        loss_mask = _missing_loss_mask(b, s_cp, device)
     n_tok_mb = (loss_mask == 1).sum().to(torch.float32)
     ls = loss_scale(device)
     attached = []
@@ -392,7 +433,7 @@ def _wrap_gpt_forward(original):
     def forward(self, *args, **kwargs):
         if not self.training or (_ACTIVE.simreg is None and _ACTIVE.jreg is None) or not torch.is_grad_enabled():
             return original(self, *args, **kwargs)
-        _refuse_cuda_graphs(self.config)  # before anything CUDA-graph-specific runs
+        refuse_cuda_graphs(self.config)  # before anything CUDA-graph-specific runs
         bound = sig.bind(self, *args, **kwargs)
         labels, loss_mask = bound.arguments.get("labels"), bound.arguments.get("loss_mask")
         if bound.arguments.get("packed_seq_params") is not None:

@@ -44,7 +44,7 @@ nothing and mirrors the MoE aux loss: a mean of per-micro-batch anchor means.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -79,12 +79,16 @@ class StepState:
     # Global-batch counts: Python numbers, or 0-dim tensors (on the GPU when the caller counted there).
     num_anchors: Union[int, torch.Tensor, None] = None  # for SimReg "global_batch"
     num_tokens: Union[int, torch.Tensor, None] = None  # for calculate_per_token_loss
+    # The step's loss masks, one full-sequence [b, s] tensor per micro-batch, for a model called without
+    # loss_mask (Megatron-LM gives it to the last pipeline stage only); indexed by current_microbatch.
+    loss_masks: Optional[Sequence[torch.Tensor]] = None
+    current_microbatch: Optional[int] = None  # as schedules.forward_step numbers it, None where it does not
 
 
 STEP = StepState()
 
 
-def begin_step(num_anchors=None, num_tokens=None) -> None:
+def begin_step(num_anchors=None, num_tokens=None, loss_masks=None) -> None:
     """Announce the global batch's SimReg anchor count (and valid-token count).
 
     Call once per training step, before ``forward_backward_func``, with the
@@ -94,7 +98,14 @@ def begin_step(num_anchors=None, num_tokens=None) -> None:
     device costs no host sync) and an int stays on the host (no
     host-to-device copy per micro-batch). ``num_tokens`` is needed only with
     ``calculate_per_token_loss``.
+
+    ``loss_masks``: this rank's micro-batches' masks, full-sequence ``[b, s]``
+    in natural position order, one per micro-batch; a training forward
+    called without ``loss_mask`` takes micro-batch ``current_microbatch``'s
+    (sliced for context parallelism). Needed only where the model is called
+    without ``loss_mask`` (Megatron-LM's first and middle pipeline stages).
     """
+    STEP.loss_masks = list(loss_masks) if loss_masks is not None else None
     STEP.num_anchors = num_anchors.detach() if isinstance(num_anchors, torch.Tensor) else num_anchors
     STEP.num_tokens = num_tokens.detach() if isinstance(num_tokens, torch.Tensor) else num_tokens
 
@@ -115,8 +126,8 @@ def loss_scale(device: torch.device):
 
 
 def end_step() -> None:
-    """Forget the step's counts so that a stale count is never reused."""
-    STEP.num_anchors = STEP.num_tokens = None
+    """Forget the step's counts and masks so that a stale one is never reused."""
+    STEP.num_anchors = STEP.num_tokens = STEP.loss_masks = None
 
 
 def wrap_forward_step(original, on_first_microbatch: Optional[Callable] = None):
@@ -136,8 +147,9 @@ def wrap_forward_step(original, on_first_microbatch: Optional[Callable] = None):
         config = bound.arguments["config"]
         STEP.num_microbatches = int(bound.arguments["num_microbatches"])
         STEP.grad_scale_func = getattr(config, "grad_scale_func", None)
+        current = bound.arguments.get("current_microbatch")
+        STEP.current_microbatch = current
         if on_first_microbatch is not None:
-            current = bound.arguments.get("current_microbatch")
             first = current == 0 if current is not None else bool(bound.arguments.get("is_first_microbatch"))
             if first:
                 on_first_microbatch(bound.arguments["model"])

@@ -1,0 +1,201 @@
+"""SimReg and JREG in Megatron-LM's own ``pretrain()`` loop, through ``examples/pretrain_gpt_simreg.py``.
+
+Megatron-LM's unmodified ``pretrain_gpt.py`` (core_v0.16.1: ``../shared/megatron-lm-core_v0.16.1``, or
+``MEGATRON_LM_PATH``) runs on CPU with gloo under the test-only shims of ``tests/megatron_lm_cpu.py``, on
+a small indexed corpus written by the test, with ``--eod-mask-loss`` (so loss masks are not all ones) and Megatron's
+null tokenizer.
+``tests/megatron_lm_record.py`` records what ``training_log`` gets and, in one process, checks each step's gradient
+against the objective written out by hand.
+
+Tolerances (relative):
+
+* HAND_TOL = 1e-5, the hand check (the whole gradient vector, L2, and the logged values). Both sides compute the
+  same fp32 (u = 2**-24 = 6e-8) sums in other orders and shapes: the patch's blockwise SimReg against the naive
+  [b, s, s] one, its angular distance from another formula, and Megatron's per-micro-batch loss scaling against the
+  one written out; each of the ~4 chained reductions of K <= 32 terms reorders to K u = 1.9e-6, so 4 K u = 7.6e-6,
+  rounded up to 1e-5 (the same bound as tests/test_training.py's REORDER_TOL).
+* LAYOUT_TOL = 1e-5, DP2, TP2 with SP and PP2 against one process at the same weights and batch: the bound of
+  tests/test_training.py's REORDER_TOL, derived there for these very reorderings (TP's split contractions, PP's tied
+  embedding sum and per-stage JREG terms); DP adds no rounding.
+* A resume through Megatron-LM's checkpointing is bitwise (0): the same kernels on bitwise-equal states.
+
+A planted 10% error in SimReg's coefficient (``tests/shims/plant_simreg_coefficient.py``) moves the gradient by
+far more than HAND_TOL: see ``test_a_wrong_coefficient_is_seen``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_simreg.megatron.compat import megatron_core_version
+from megatron_simreg.parallel.process import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT.parent / "shared" / "megatron-lm-core_v0.16.1"
+MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH") or (str(FIXTURE) if FIXTURE.is_dir() else None)
+LAUNCHER = ROOT / "examples" / "pretrain_gpt_simreg.py"
+
+pytestmark = [
+    pytest.mark.skipif(MEGATRON_LM is None, reason=f"Megatron-LM not found: neither {FIXTURE} nor "
+                                                   "MEGATRON_LM_PATH is there"),
+    pytest.mark.skipif(not megatron_core_version().startswith("0.16."),
+                       reason=f"Megatron-LM's loop is tested at core_v0.16.x; megatron-core is "
+                              f"{megatron_core_version()}"),
+]
+
+HAND_TOL = 1e-5
+LAYOUT_TOL = 1e-5
+
+MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+         "--max-position-embeddings", "32", "--position-embedding-type", "rope", "--normalization", "RMSNorm",
+         "--swiglu", "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0"]
+CPU = ["--transformer-impl", "local", "--use-cpu-initialization", "--distributed-backend", "gloo",
+       "--no-gradient-accumulation-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
+       "--no-masked-softmax-fusion", "--no-rope-fusion", "--no-persist-layer-norm"]
+VOCAB = 128  # NullTokenizer: ids 0..127, EOD = 128
+DATA = ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--eod-mask-loss", "--split", "100,0,0",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--seed", "1234"]
+# warmup 0 and a constant rate: every checked iteration is a real update; no clipping (the pre-clip norm is checked)
+TRAIN = ["--lr", "1e-3", "--lr-warmup-iters", "0", "--lr-decay-style", "constant", "--clip-grad", "1e6",
+         "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000"]
+# layer_weighted: every pipeline stage has JREG terms, so PP2's first stage needs the loss masks the adapter gives it
+REG = ["--simreg-weight", "0.5", "--simreg-temperature", "0.2", "--jreg-weight", "3.0",
+       "--jreg-weighting", "layer_weighted"]
+LOGGED = ("lm loss", "simreg loss", "jreg loss")
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "allgather"]
+
+
+CORPUS = None  # the data prefix, written once per session by the `corpus` fixture
+
+
+@pytest.fixture(scope="module", autouse=True)
+def corpus(tmp_path_factory):
+    """Short documents over 12 token ids, each ending in EOD, in megatron-core's indexed format: sequences pack
+    several documents (so labels repeat: SimReg has anchors), and --eod-mask-loss masks the EOD labels."""
+    global CORPUS
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path_factory.mktemp("mlm_corpus") / "corpus")
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(200):
+        doc = np.append(rng.integers(0, 12, int(rng.integers(4, 24))), VOCAB).astype(np.int32)
+        builder.add_document(torch.from_numpy(doc), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    CORPUS = prefix
+    yield prefix
+
+
+def run(out: Path, *flags: str, nproc: int = 1, hand_check: bool = False, script: Path = LAUNCHER,
+        timeout: int = 300, env: dict | None = None) -> list:
+    """Train with Megatron-LM's pretrain_gpt.py through ``script``; returns the recorded iterations."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / "record.jsonl"
+    record.unlink(missing_ok=True)
+    run_env = {**os.environ, "MEGATRON_LM_PATH": MEGATRON_LM, "SIMREG_MLM_RECORD": str(record),
+               "SIMREG_MLM_HAND_CHECK": "1" if hand_check else "0",
+               "PYTHONPATH": os.pathsep.join([MEGATRON_LM, str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           str(ROOT / "tests" / "megatron_lm_record.py"), str(script), *MODEL, *CPU, "--data-path", CORPUS, *DATA,
+           *TRAIN, *flags]
+    proc = subprocess.run(cmd, env=run_env, cwd=out, capture_output=True, text=True, timeout=timeout)
+    (out / "stdout.txt").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def assert_hand_check(records, tol=HAND_TOL):
+    for r in records:
+        assert r["hand_grad_rel_err"] <= tol, (r["iteration"], r["hand_grad_rel_err"])
+        assert abs(r["grad_norm"] - r["hand_grad_norm"]) <= tol * r["hand_grad_norm"], r
+        for key in LOGGED:
+            want = r["hand_" + key.replace(" ", "_")]
+            assert abs(r[key] - want) <= tol * abs(want), (r["iteration"], key, r[key], want)
+
+
+def assert_same(ref: dict, got: dict, tol: float, keys=(*LOGGED, "grad_norm")):
+    assert ref["iteration"] == got["iteration"], (ref, got)
+    for key in keys:
+        diff = abs(ref[key] - got[key])
+        assert diff <= tol * abs(ref[key]), (f"iteration {ref['iteration']} {key}: {ref[key]!r} vs {got[key]!r}, "
+                                             f"relative difference {diff / abs(ref[key]):.3g} > {tol:g}")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, 3 iterations, every step checked by hand, a checkpoint after each."""
+    out = tmp_path_factory.mktemp("mlm_single")
+    records = run(out, *REG, "--train-iters", "3", "--save", str(out / "ckpt"), "--save-interval", "1",
+                  "--tensorboard-dir", str(out / "tb"), hand_check=True)
+    return out, records
+
+
+def test_one_process_trains_the_hand_written_objective(single):
+    out, records = single
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    assert_hand_check(records)
+    assert all(r["simreg loss"] > 0 and r["jreg loss"] > 0 for r in records)
+
+
+def test_the_values_are_in_the_log_line_and_tensorboard(single):
+    out, records = single
+    lines = [ln for ln in (out / "stdout.txt").read_text().splitlines() if " iteration " in ln and "lm loss:" in ln]
+    assert len(lines) == 3 and all("simreg loss:" in ln and "jreg loss:" in ln for ln in lines), lines[-1:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb")).Reload()
+    for key in LOGGED:
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [1, 2, 3]
+        for s, r in zip(scalars, records):
+            assert abs(s.value - r[key]) <= 1e-6 * abs(r[key]), (key, s.value, r[key])
+
+
+@pytest.mark.parametrize("flags", [
+    ["--calculate-per-token-loss"],
+    ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
+    MOE,
+    ["--mtp-num-layers", "1"],
+], ids=["per-token", "full-recompute", "moe", "mtp"])
+def test_megatron_lm_options_train_the_hand_written_objective(tmp_path, flags):
+    records = run(tmp_path, *REG, *flags, "--train-iters", "2", hand_check=True)
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert_hand_check(records)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    ["--pipeline-model-parallel-size", "2"],
+    ["--use-distributed-optimizer"],
+], ids=["tp2-sp", "pp2", "dp2-distopt"])
+def test_parallel_layouts_match_one_process(single, tmp_path, flags):
+    """From the one-process run's iteration-1 checkpoint, iteration 2 at another layout: same weights, same batch."""
+    out, records = single
+    got = run(tmp_path, *REG, *flags, "--train-iters", "2", "--load", str(out / "ckpt"), "--ckpt-step", "1",
+              "--no-load-optim", "--no-load-rng", nproc=2)
+    assert [r["iteration"] for r in got] == [2]
+    assert_same(records[1], got[0], LAYOUT_TOL)
+
+
+def test_a_resume_through_megatron_lm_checkpointing_continues_bitwise(single, tmp_path):
+    out, records = single
+    got = run(tmp_path, *REG, "--train-iters", "3", "--load", str(out / "ckpt"), "--ckpt-step", "2")
+    assert [r["iteration"] for r in got] == [3]
+    assert_same(records[2], got[0], 0.0, keys=(*LOGGED, "grad_norm", "lr"))
+
+
+def test_a_wrong_coefficient_is_seen(tmp_path):
+    """The hand check sees SimReg's lambda off by 10% in the adapter (a planted bug)."""
+    records = run(tmp_path, *REG, "--train-iters", "1", hand_check=True,
+                  script=ROOT / "tests" / "shims" / "plant_simreg_coefficient.py")
+    assert records[0]["hand_grad_rel_err"] > 100 * HAND_TOL, records[0]
