@@ -11,22 +11,34 @@ Usage (one process per rank, gloo)::
 then runs SCRIPT as ``__main__`` (``runpy.run_path``) with ``sys.argv = [SCRIPT, args...]``
 and SCRIPT's directory first on ``sys.path``, as ``python SCRIPT.py`` would.
 
-What is patched: ``megatron_simreg.megatron.cpu_compat.apply_cpu_adaptations()`` (megatron-core
-on CPU/gloo: see its docstring), then, for the Megatron-LM training loop, only names inside the
-listed ``megatron.training`` / ``megatron.core`` modules and functions (the real ``torch`` module
-is never modified; the two ``torch.*.cuda`` method swaps below last only for one call):
+What is patched: first ``megatron_simreg.megatron.cpu_compat.apply_cpu_adaptations()`` (megatron-core
+on CPU/gloo, see its docstring), then, for Megatron-LM's training loop, names inside the modules and
+functions listed here (the real ``torch`` module is never modified; the ``*.cuda`` method swaps of 2-4
+last only for one call; the numbers match the comments in :func:`apply_megatron_lm_cpu_shims`):
 
-* ``torch`` inside ``_TRAINING_MODULES`` -> a proxy over cpu_compat's CPU ``torch`` shim
-  (``device="cuda"`` factories on CPU, ``torch.cuda.current_device()`` = cpu, synchronize no-op,
-  CUDA RNG = CPU RNG) whose ``torch.cuda`` additionally has ``set_device`` (no-op),
-  ``device_count()`` = 1 (initialize.py only builds the model-parallel groups and RNG tracker
-  when it is > 0), ``Stream`` / ``current_stream`` / ``stream`` (no-op stand-ins: get_model's DDP
-  set-up stream) and, in ``megatron.training.initialize`` only, ``is_available()`` = True
-  (``initialize_megatron`` asserts it).
-* ``torch.nn.Module.cuda`` -> identity while ``training.get_model`` runs (it moves every model
-  chunk to ``torch.cuda.current_device()``).
-* ``torch.Tensor.cuda`` -> identity while ``utils.get_batch_on_this_tp_rank`` (the batch is moved
-  "to the GPU") and ``training.evaluate`` (the loss accumulators) run.
+1. ``torch`` inside ``_TRAINING_MODULES`` (megatron.training.{initialize, training, utils, checkpointing,
+   inprocess_restart}, megatron.core.{timers, rerun_state_machine, multi_token_prediction,
+   moe.token_dispatcher, dist_checkpointing.strategies.fully_parallel}) -> a proxy over cpu_compat's
+   CPU torch (``device="cuda"`` factories on CPU, ``torch.cuda.current_device()`` = cpu, synchronize
+   no-op, CUDA RNG = CPU RNG) whose ``torch.cuda`` also has ``set_device`` (no-op), ``device_count()``
+   = 1 (initialize.py builds the model-parallel groups and seeds the RNG tracker only if > 0),
+   ``memory_stats()`` (all 0), ``Stream`` / ``current_stream`` / ``stream`` (one no-op stream), and, in
+   ``megatron.training.initialize`` only, ``is_available()`` = True (``initialize_megatron`` asserts it).
+2. ``torch.nn.Module.cuda`` -> identity while ``training.get_model`` runs.
+3. ``torch.Tensor.cuda`` -> identity while ``utils.get_batch_on_this_tp_rank`` runs (batch "to the GPU").
+4. ``torch.Tensor.cuda`` -> identity while ``training.evaluate`` runs (its loss accumulators).
+5. ``WrappedTorchNorm`` (asserts not sequence_parallel) -> cpu_compat's ``CPUTorchNorm`` in the local specs
+   (``models.backends.WrappedTorchNorm`` / ``LNImpl``, ``gpt_layer_specs.LNImpl``).
+6. ``token_dispatcher.maybe_move_tensor_to_cpu``: numpy split sizes for gloo's all_to_all_single.
+7. ``datasets.utils.compile_helpers``: uses the prebuilt ``helpers_cpp`` (the wheel has no Makefile).
+8. ``initialize.fused_kernels`` -> no-op ``load`` (legacy CUDA kernels, nvcc).
+9. ``get_device_arch_version`` (training.utils / training.arguments) -> 0; ``main()`` sets
+   ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (default only), which validate_args then asserts for TP/CP > 1.
+10. ``initialize._warmup_jit_function`` -> no-op (its random draws would make the initial weights
+    depend on the TP layout on CPU; ~2.5 s of torch.compile).
+11. ``checkpointing.generate_state_dict``: a fresh DistributedOptimizer gets its (torch AdamW) state
+    before a load, plus ``megatron_simreg.megatron.compat.keep_torch_adam_step`` /
+    ``load_dp_reshardable_without_grad``.
 
 Every patch raises ``RuntimeError`` naming the symbol if its target no longer exists, and applying
 twice is a no-op.  Refuses to run when CUDA is available (run Megatron-LM unmodified there).
@@ -188,6 +200,8 @@ def _with_method_identity(owner: type, method: str, fn: Callable) -> Callable:
 
 
 def _prebuilt_or(compile_helpers: Callable) -> Callable:
+    """``compile_helpers`` that does nothing when ``megatron.core.datasets.helpers_cpp`` already imports."""
+
     @functools.wraps(compile_helpers)
     def wrapper() -> None:
         try:
@@ -213,7 +227,7 @@ def _no_device_arch() -> int:
 
 
 def _skip_jit_warmup() -> None:
-    """CPU stand-in for ``megatron.training.initialize._warmup_jit_function`` (shim 9)."""
+    """CPU stand-in for ``megatron.training.initialize._warmup_jit_function`` (shim 10)."""
     return None
 
 
@@ -297,47 +311,45 @@ def apply_megatron_lm_cpu_shims() -> None:
         mod, value = _get(mod_name, attr)
         if value is wrapped_norm:  # (LNImpl is apex's FusedLayerNorm where apex is installed: left alone)
             setattr(mod, attr, cpu_compat.CPUTorchNorm)
-    # 5b. MoE alltoall dispatcher: split sizes go to all_to_all_single as maybe_move_tensor_to_cpu(..., as_numpy=True);
-    #     that converts only CUDA tensors, and gloo's all_to_all_single refuses the CPU tensor it returns on CPU
+    # 6. MoE alltoall dispatcher: split sizes go to all_to_all_single as maybe_move_tensor_to_cpu(..., as_numpy=True);
+    #    that converts only CUDA tensors, and gloo's all_to_all_single refuses the CPU tensor it returns on CPU
     disp, move = _get("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu")
     if not getattr(move, _WRAPPED, False):
         disp.maybe_move_tensor_to_cpu = _host_copy_or(move)
 
-    # 6. initialize._compile_dependencies runs `make` in megatron/core/datasets (no Makefile in the wheel): use the
+    # 7. initialize._compile_dependencies runs `make` in megatron/core/datasets (no Makefile in the wheel): use the
     #    prebuilt helpers_cpp extension when it imports, else fall through to the original (which compiles)
     dutils, compile_helpers = _get("megatron.core.datasets.utils", "compile_helpers")
     if not getattr(compile_helpers, _WRAPPED, False):
         dutils.compile_helpers = _prebuilt_or(compile_helpers)
-    # 7. ... and then builds the legacy CUDA fused kernels (nvcc, CUDA_HOME): nothing to load on CPU
+    # 8. ... and then builds the legacy CUDA fused kernels (nvcc, CUDA_HOME): nothing to load on CPU
     init_mod, fused_kernels = _get("megatron.training.initialize", "fused_kernels")
     if not isinstance(fused_kernels, _NoFusedKernels):
         if not hasattr(fused_kernels, "load"):
             raise _moved("megatron.training.initialize.fused_kernels.load")
         init_mod.fused_kernels = _NoFusedKernels()
 
-    # 8. validate_args asks get_device_arch_version() (torch.cuda.get_device_properties) when TP/CP > 1: no arch
+    # 9. validate_args asks get_device_arch_version() (torch.cuda.get_device_properties) when TP/CP > 1: no arch
     #    (0 = "before Blackwell": Megatron then wants CUDA_DEVICE_MAX_CONNECTIONS=1, which main() sets by default)
     for mod_name in ("megatron.training.utils", "megatron.training.arguments"):
         mod, _ = _get(mod_name, "get_device_arch_version")
         mod.get_device_arch_version = _no_device_arch
 
-    # 9. set_jit_fusion_options -> _warmup_jit_function: torch.compile warm-up of the fused bias-gelu/swiglu and
-    #    bias-dropout-add kernels (~2.5 s of inductor on CPU) whose torch.rand(device="cuda") draws, on CPU, come
-    #    from the CPU generator (= the shimmed CUDA one) with TP/SP-dependent shapes: --use-cpu-initialization weights
-    #    would then differ between TP layouts (on GPU they come from the CUDA generator and the CPU one is untouched)
+    # 10. set_jit_fusion_options -> _warmup_jit_function: torch.compile warm-up of the fused bias-gelu/swiglu and
+    #     bias-dropout-add kernels (~2.5 s of inductor on CPU) whose torch.rand(device="cuda") draws, on CPU, come
+    #     from the CPU generator (= the shimmed CUDA one) with TP/SP-dependent shapes: --use-cpu-initialization weights
+    #     would then differ between TP layouts (on GPU they come from the CUDA generator and the CPU one is untouched)
     init_mod, warmup = _get("megatron.training.initialize", "_warmup_jit_function")
     if not getattr(warmup, _WRAPPED, False):
         init_mod._warmup_jit_function = _skip_jit_warmup
 
-    # 10. reloading the DistributedOptimizer into torch's AdamW (no TE/apex: always so on CPU). Its state_dict()
+    # 11. reloading the DistributedOptimizer into torch's AdamW (no TE/apex: always so on CPU). Its state_dict()
     #     asserts on each param's "step", which AdamW makes only at its first step: before a torch_dist load
     #     generate_state_dict(optim_sd_kwargs={is_loading: True}) gets megatron-core's own remedy (one step on zero
     #     grads, _init_optimizer_states_with_dummy_values, used before its FSDP loads; the load overwrites it all),
     #     plus the project's fixes for the step/in-place bugs of that reload path (megatron_simreg.megatron.compat)
     ckpt_mod, generate_state_dict = _get("megatron.training.checkpointing", "generate_state_dict")
-    _get("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer")
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
+    _, DistributedOptimizer = _get("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer")
     if not hasattr(DistributedOptimizer, "_init_optimizer_states_with_dummy_values"):
         raise _moved("DistributedOptimizer._init_optimizer_states_with_dummy_values")
     if not getattr(generate_state_dict, _WRAPPED, False):
@@ -360,7 +372,7 @@ def main(argv: list) -> None:
         sys.path[0] = os.path.dirname(script)
     else:
         sys.path.insert(0, os.path.dirname(script))
-    # validate_args asserts this for TP/CP > 1 before Blackwell (see shim 8); it means nothing on CPU
+    # validate_args asserts this for TP/CP > 1 before Blackwell (see shim 9); it means nothing on CPU
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     apply_megatron_lm_cpu_shims()
     sys.argv = [script] + list(argv[1:])
