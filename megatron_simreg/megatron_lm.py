@@ -12,9 +12,11 @@ Run ``examples/pretrain_gpt_simreg.py`` in place of ``pretrain_gpt.py``, with th
 
   - SimReg ``global_batch`` needs the global batch's anchor count before the first backward (see
     :mod:`.megatron.step`): counted there, summed over data-parallel ranks, broadcast over tensor-parallel ones.
-  - Megatron-LM passes ``loss_mask`` to the last pipeline stage only, so JREG on the other stages would count
-    padding and masked EOD tokens: the step's masks are broadcast from the first stage over the pipeline and
-    tensor-parallel groups and handed to the patch (``begin_step(loss_masks=...)``).
+  - Megatron-LM calls the model without ``loss_mask`` on middle pipeline stages (they read no data) and on the
+    first stage's tensor-parallel ranks other than 0 (``get_batch_on_this_tp_rank`` broadcasts it within the
+    last stage only), so JREG there would count padding and masked EOD tokens: the step's masks are broadcast
+    from the first stage over the pipeline and tensor-parallel groups and handed to the patch
+    (``begin_step(loss_masks=...)``), which uses them only where the model got no ``loss_mask``.
 
   After the step it adds ``simreg loss`` and ``jreg loss`` to the step's loss dict on the last stage, which
   ``training_log`` prints in its log line and writes to TensorBoard and wandb like ``lm loss``.
@@ -105,6 +107,11 @@ def check_supported(args) -> None:
             "micro-batches arrive through one iterator per model chunk, which the SimReg anchor count and the "
             "JREG loss masks are not read from yet. Drop the virtual stages, or disable SimReg and JREG "
             "(--simreg-weight 0 --jreg-weight 0).")
+    if getattr(args, "use_legacy_models", False):
+        raise NotImplementedError(
+            "megatron-simreg patches megatron-core's GPTModel; --use-legacy-models builds Megatron-LM's legacy GPT "
+            "model instead, which would train without SimReg and JREG. Drop --use-legacy-models, or disable SimReg "
+            "and JREG.")
     if getattr(args, "hybrid_context_parallel", False):
         raise NotImplementedError(
             "megatron-simreg does not support --hybrid-context-parallel (packed THD sequences): SimReg would pair "

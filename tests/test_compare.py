@@ -128,6 +128,14 @@ def test_summary_pairs_seeds_and_never_divides_by_zero(tmp_path):
     assert agg["simreg"]["analysis"]["margin_hist"]["counts"] == [0, 6, 2, 0]
     assert agg["baseline"]["curve"]["mean"][1] == pytest.approx(3.0) and agg["baseline"]["curve"]["std"][3] > 0
 
+    # the legend says over how many seeds a speed-up was averaged, and shows none below 3 (issue 26 item 8)
+    assert report.legend_label("simreg", agg["simreg"]) == "simreg (2 of 2 seeds reached the target)"
+    assert report.legend_label("jreg", agg["jreg"]) == "jreg (0 of 2 seeds reached the target)"
+    three = {**agg["simreg"], "seeds": [1, 2, 3, 4], "reached": 3}
+    assert report.legend_label("simreg", three) == (
+        f"simreg (speed-up {report._ms(agg['simreg']['speedup'], '{:+.1f}', pct=True)}, 3 of 4 seeds)")
+    assert report.legend_label("baseline", agg["baseline"]) == "baseline"
+
     out = tmp_path / "out"
     out.mkdir()
     report.write_results(str(out), g, runs, summary.summarize(g, runs), [])

@@ -56,7 +56,7 @@ MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4
          "--max-position-embeddings", "32", "--position-embedding-type", "rope", "--normalization", "RMSNorm",
          "--swiglu", "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0"]
 CPU = ["--transformer-impl", "local", "--use-cpu-initialization", "--distributed-backend", "gloo",
-       "--no-gradient-accumulation-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
+       "--no-gradient-accumulation-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
        "--no-masked-softmax-fusion", "--no-rope-fusion", "--no-persist-layer-norm"]
 VOCAB = 128  # NullTokenizer: ids 0..127, EOD = 128
 DATA = ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--eod-mask-loss", "--split", "100,0,0",
@@ -188,14 +188,15 @@ def test_parallel_layouts_match_one_process(single, tmp_path, flags):
     out, records = single
     nproc = 4 if "--pipeline-model-parallel-size" in flags and "--tensor-model-parallel-size" in flags else 2
     got = run(tmp_path, *REG, *flags, "--train-iters", "2", "--load", str(out / "ckpt"), "--ckpt-step", "1",
-              "--no-load-optim", "--no-load-rng", nproc=nproc)
+              "--no-load-optim", "--no-load-rng", "--exit-on-missing-checkpoint", nproc=nproc)
     assert [r["iteration"] for r in got] == [2]
     assert_same(records[1], got[0], LAYOUT_TOL)
 
 
 def test_a_resume_through_megatron_lm_checkpointing_continues_bitwise(single, tmp_path):
     out, records = single
-    got = run(tmp_path, *REG, "--train-iters", "3", "--load", str(out / "ckpt"), "--ckpt-step", "2")
+    got = run(tmp_path, *REG, "--train-iters", "3", "--load", str(out / "ckpt"), "--ckpt-step", "2",
+              "--exit-on-missing-checkpoint")
     assert [r["iteration"] for r in got] == [3]
     assert_same(records[2], got[0], 0.0, keys=(*LOGGED, "grad_norm", "lr"))
 
@@ -215,7 +216,7 @@ def _args(**over):
 
     args = add_arguments(argparse.ArgumentParser()).parse_args(REG)
     for name, value in {"virtual_pipeline_model_parallel_size": None, "hybrid_context_parallel": False,
-                        "cuda_graph_impl": "none", **over}.items():
+                        "use_legacy_models": False, "cuda_graph_impl": "none", **over}.items():
         setattr(args, name, value)
     return args
 
@@ -224,6 +225,7 @@ def _args(**over):
     ({"virtual_pipeline_model_parallel_size": 2}, "--num-layers-per-virtual-pipeline-stage"),
     ({"hybrid_context_parallel": True}, "--hybrid-context-parallel"),
     ({"cuda_graph_impl": "local"}, "--cuda-graph-impl none"),
+    ({"use_legacy_models": True}, "--use-legacy-models"),
 ])
 def test_what_cannot_work_is_refused_by_name(setting, named):
     from megatron_simreg.megatron_lm import check_supported
@@ -266,3 +268,15 @@ print("ok")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([MEGATRON_LM, str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_bench_megatron_lm_runs(cache, tmp_path):
+    """The benchmark's plumbing (numbers are measured by hand: docs/performance.md)."""
+    env = {**os.environ, "MEGATRON_LM_PATH": MEGATRON_LM, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_megatron_lm.py"), "--preset", "cpu-test",
+                          "--iters", "3", "--warmup", "1", "--data-cache-path", cache,
+                          "--variants", "Megatron-LM", "megatron-simreg train + both"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| Megatron-LM |") or "train + both" in ln]
+    assert len(rows) == 2 and "1.000x" in rows[0], out.stdout

@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "megatron-lm-core_v0.16.1"
 PRESETS = {
+    "cpu-test": ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+                 "--max-position-embeddings", "64", "--micro-batch-size", "2", "--global-batch-size", "4"],  # its test
     "cpu-small": ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "256",
                   "--max-position-embeddings", "256", "--micro-batch-size", "4", "--global-batch-size", "8"],
 }
@@ -36,7 +38,7 @@ COMMON = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--
           "--attention-dropout", "0", "--lr", "1e-4", "--lr-warmup-iters", "0", "--lr-decay-style", "constant",
           "--seed", "1234", "--split", "100,0,0", "--tokenizer-type", "SentencePieceTokenizer"]
 MEGATRON_LM_ONLY = ["--transformer-impl", "local", "--use-cpu-initialization", "--distributed-backend", "gloo",
-                    "--no-gradient-accumulation-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
+                    "--no-gradient-accumulation-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
                     "--no-masked-softmax-fusion", "--no-rope-fusion", "--no-persist-layer-norm", "--disable-bias-linear",
                     "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "100000"]
 SIMREG, JREG = ["--simreg-weight", "0.1"], ["--jreg-weight", "3.0"]
@@ -67,7 +69,7 @@ def megatron_lm_step_ms(flags, iters, warmup, megatron_lm, workdir):
 def ours_step_ms(flags, iters, warmup, workdir, tokens_per_iter):
     save = Path(workdir) / "ours"
     cmd = [sys.executable, "-m", "megatron_simreg.cli", "train", *flags, "--train-iters", str(iters),
-           "--save", str(save), "--eval-iters", "0", "--log-interval", "1", "--save-interval", "100000"]
+           "--save", str(save), "--log-interval", "1", "--save-interval", "100000"]
     out = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=1800)
     if out.returncode:
         raise SystemExit(f"megatron-simreg train failed ({out.returncode}):\n{out.stderr[-4000:]}")
@@ -89,14 +91,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--data-cache-path", default=os.path.join(os.path.expanduser("~"), ".cache", "megatron_simreg"),
+                   help="where the default corpus is prepared (as megatron-simreg train's flag)")
     a = p.parse_args()
     megatron_lm = os.environ.get("MEGATRON_LM_PATH") or (str(FIXTURE) if FIXTURE.is_dir() else None)
     if megatron_lm is None:
         raise SystemExit("Megatron-LM not found: set MEGATRON_LM_PATH to a checkout (core_v0.16.x)")
     from megatron_simreg.data.default_corpus import prepare_default_corpus
 
-    cache = os.environ.get("MEGATRON_SIMREG_CACHE", str(Path.home() / ".cache" / "megatron-simreg"))
-    prefix, model = prepare_default_corpus(cache)
+    prefix, model = prepare_default_corpus(a.data_cache_path)
     shape = PRESETS[a.preset]
     tokens_per_iter = int(shape[shape.index("--global-batch-size") + 1]) * int(shape[shape.index("--seq-length") + 1])
     data = ["--data-path", prefix, "--tokenizer-model", model]

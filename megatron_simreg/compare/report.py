@@ -248,6 +248,20 @@ def _definitions(doc: str) -> str:
     return text.replace("``", "`").strip()
 
 
+MIN_SEEDS_FOR_SPEEDUP = 3  # fewer seeds reaching the target: the legend shows no mean speed-up
+
+
+def legend_label(method: str, agg: dict) -> str:
+    """A method's legend entry: its mean speed-up over the seeds that reached the target, with how many of how many
+    did (``n of N``); only the count when fewer than MIN_SEEDS_FOR_SPEEDUP did."""
+    if _is_reference(method, agg) or "reached" not in agg:
+        return method
+    reached, total = agg["reached"], len(agg["seeds"])
+    if reached < MIN_SEEDS_FOR_SPEEDUP or agg["speedup"].get("mean") is None:
+        return f"{method} ({reached} of {total} seeds reached the target)"
+    return f"{method} (speed-up {_ms(agg['speedup'], '{:+.1f}', pct=True)}, {reached} of {total} seeds)"
+
+
 def write_plots(out: str, summary: dict) -> List[str]:
     import matplotlib
 
@@ -261,9 +275,7 @@ def write_plots(out: str, summary: dict) -> List[str]:
         base = methods.get(reference)
         for i, (method, agg) in enumerate(methods.items()):
             c = agg["curve"]
-            label = method
-            if not _is_reference(method, agg) and agg.get("speedup", {}).get("mean") is not None:
-                label += f" (speed-up {_ms(agg['speedup'], '{:+.1f}', pct=True)})"
+            label = legend_label(method, agg)
             ax.plot(c["tokens"], c["mean"], marker="o", markersize=2.5, color=f"C{i}", label=label)
             if c["std"]:
                 lo = [m - s for m, s in zip(c["mean"], c["std"])]

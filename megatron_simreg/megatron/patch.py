@@ -39,8 +39,8 @@ What is read, and where:
   ``GPTModel.forward`` so that both terms see the LM loss's tokens. A
   training forward without one takes the step's mask from
   :func:`.step.begin_step` (``loss_masks``; the Megatron-LM adapter gives
-  them, since Megatron-LM passes ``loss_mask`` to the last pipeline stage
-  only), or counts every token when ``apply_to_megatron(...,
+  them: Megatron-LM calls middle pipeline stages, and the first stage's
+  tensor-parallel ranks other than 0, without it), or counts every token when ``apply_to_megatron(...,
   every_token_counts=True)`` says so, and is refused otherwise: a driver
   that never passes it (Megatron-Bridge's ``gpt_step``) would silently make
   prompt and padding tokens anchors.

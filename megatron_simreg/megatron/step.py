@@ -80,7 +80,7 @@ class StepState:
     num_anchors: Union[int, torch.Tensor, None] = None  # for SimReg "global_batch"
     num_tokens: Union[int, torch.Tensor, None] = None  # for calculate_per_token_loss
     # The step's loss masks, one full-sequence [b, s] tensor per micro-batch, for a model called without
-    # loss_mask (Megatron-LM gives it to the last pipeline stage only); indexed by current_microbatch.
+    # loss_mask (Megatron-LM: middle pipeline stages, the first stage's TP ranks > 0); indexed by current_microbatch.
     loss_masks: Optional[Sequence[torch.Tensor]] = None
     current_microbatch: Optional[int] = None  # as schedules.forward_step numbers it, None where it does not
 
