@@ -108,6 +108,7 @@ def test_moe_tp2_sp_trains_the_same(tmp_path, cache, backend):
     (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
     (["--deepspeed", "--pipeline-model-parallel-size", "2"], "not supported"),
     (["--save-interval", "2"], "needs --save"),
+    (["--reset-attention-mask", "--context-parallel-size", "2"], "--reset-attention-mask with --context-parallel"),
 ])
 def test_bad_flags(capsys, flags, message):
     """Refused while the flags are parsed (in-process: the same parser the CLI runs; one end-to-end case below)."""

@@ -91,6 +91,17 @@ def transformer_config(shape: GPTShape, *, tp=1, pp=1, cp=1, sp=False, dtype=tor
     return TransformerConfig(**kwargs)
 
 
+def uses_te_spec() -> bool:
+    """Whether :func:`layer_spec` picks TransformerEngine's layer spec here (CUDA and TE importable)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def layer_spec(config):
     """GPTModel's ``transformer_layer_spec`` for this machine (a block spec on a GPU without TE).
 
@@ -102,9 +113,7 @@ def layer_spec(config):
     if not torch.cuda.is_available():
         return get_cpu_gpt_layer_spec(num_experts=config.num_moe_experts, normalization=config.normalization,
                                       qk_layernorm=config.qk_layernorm)
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:  # the block spec also carries the final norm, which Megatron would make a WrappedTorchNorm
+    if not uses_te_spec():  # the block spec also carries the final norm, which Megatron would make a WrappedTorchNorm
         if config.num_moe_experts:
             compat.define_moe_te_gemm()
         return get_cpu_gpt_block_spec(config)

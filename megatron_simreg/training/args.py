@@ -116,6 +116,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "corpus is tokenized with this one): a sentencepiece .model file, or with --tokenizer-type "
                         "HuggingFaceTokenizer a directory holding tokenizer.json")
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="positions whose input token is EOD (each predicts the next document's first token) count "
+                        "for nothing: not in the LM loss, not SimReg anchors or keys, not in JREG (Megatron-LM's flag)")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="position ids restart at 0 after each EOD, per document (Megatron-LM's flag)")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="each document of a packed sequence attends only to itself: a document-causal mask "
+                        "(Megatron-LM's flag; the local attention only, refused on TransformerEngine's)")
     g.add_argument("--check-contamination", action="store_true",
                    help="print the share of the validation/test splits' 13-grams also in the training split "
                         "(always done for the default corpus): Megatron's --split is contiguous by document, so a "
@@ -329,6 +337,9 @@ def validate(a: argparse.Namespace) -> None:
         raise ValueError("--save-interval must be >= 1")
     if a.save_interval and not a.save:
         raise ValueError("--save-interval needs --save DIR")
+    if a.reset_attention_mask and a.context_parallel_size > 1:
+        raise ValueError("--reset-attention-mask with --context-parallel-size > 1 is not supported: the "
+                         "document-causal [s, s] mask is not split over context-parallel ranks; drop one of them")
     if a.simreg_weight < 0 or a.jreg_weight < 0:
         raise ValueError("--simreg-weight and --jreg-weight must be >= 0")
     if a.simreg_temperature <= 0:

@@ -81,7 +81,8 @@ def planted_nan_grad(on: bool):
 
 
 def _forward(model, mb):
-    out = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"], loss_mask=mb["loss_mask"])
+    out = model(mb["tokens"], mb["position_ids"], mb.get("attention_mask"), labels=mb["labels"],
+                loss_mask=mb["loss_mask"])
     if _PLANT_NAN["on"] and out.requires_grad:
         out.register_hook(lambda grad: torch.full_like(grad, float("nan")))
     return out

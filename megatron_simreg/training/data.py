@@ -23,7 +23,10 @@ class Batches:
     """Micro-batches of iteration ``it`` for this rank, from a map-style GPT dataset.
 
     A micro-batch is a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, each ``[b, s]``
-    (``[b, s / cp]`` after :meth:`local`)."""
+    (``[b, s / cp]`` after :meth:`local`), and with ``--reset-attention-mask`` ``attention_mask`` ``[b, 1, s, s]``
+    (True: masked out; Megatron's convention)."""
+
+    KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
 
     def __init__(self, dataset, global_batch: int, micro_batch: int):
         from megatron.core import parallel_state as ps
@@ -47,7 +50,7 @@ class Batches:
         for m in range(0, self.per_rank, self.micro_batch):
             group = samples[m:m + self.micro_batch]
             out.append({k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in group])
-                        for k in ("tokens", "labels", "loss_mask", "position_ids")})
+                        for k in self.KEYS if k in group[0]})
         return out
 
     def fingerprint(self, iterations: int) -> str:
@@ -131,7 +134,10 @@ def build_datasets(args, gbs: int, train_samples: int):
     # collective: Megatron's builder lets rank 0 build the index caches first
     # Every rank reads its own samples (no TP broadcast), so every rank builds.
     train, valid, _ = build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, tokenizer, num_samples,
-                                         cache, is_built_on_rank=lambda: True)
+                                         cache, is_built_on_rank=lambda: True, eod_mask_loss=args.eod_mask_loss,
+                                         reset_position_ids=args.reset_position_ids,
+                                         reset_attention_mask=args.reset_attention_mask,
+                                         create_attention_mask=args.reset_attention_mask)
     return train, (valid if args.eval_interval else None), tokenizer
 
 

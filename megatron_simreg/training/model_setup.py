@@ -139,7 +139,12 @@ def architecture(model: dict):
 
 
 def build_model(args, vocab_size: int):
-    from ..megatron.model import build_gpt, transformer_config
+    from ..megatron.model import build_gpt, transformer_config, uses_te_spec
+
+    if args.reset_attention_mask and uses_te_spec():
+        raise ValueError("--reset-attention-mask needs an attention that takes an arbitrary [s, s] mask; "
+                         "TransformerEngine's layer spec, used on this GPU, applies its own causal mask (its fused "
+                         "and flash paths take no document mask). Train without --reset-attention-mask here.")
 
     shape, overrides, position_embedding_type = architecture(model_settings(args, vocab_size))
     moe = {}

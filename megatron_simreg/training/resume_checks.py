@@ -4,7 +4,7 @@ A checkpoint's ``meta.json`` records the run's data settings (:func:`data_settin
 and its flags. On ``--load`` the trainer compares them with this run's:
 
 * **Data and regularizer settings** (global batch, seed, data path and blend,
-  split, tokenizer, SimReg/JREG weights) each change the losses, so a
+  split, tokenizer, the document flags, SimReg/JREG weights) each change the losses, so a
   difference is refused with the list of fields, unless
   ``--allow-changed-on-resume`` names it; then it is logged.
 * **The LR schedule** follows Megatron-LM: a flag that differs from the
@@ -26,9 +26,12 @@ RESUMABLE_CHANGES = {
     "global-batch-size": "global_batch_size", "seed": "seed", "data-path": "data_path", "split": "split",
     "tokenizer-model": "tokenizer_sha256", "tokenizer-type": "tokenizer_type", "simreg-weight": "simreg_weight",
     "simreg-temperature": "simreg_temperature", "jreg-weight": "jreg_weight",
+    "eod-mask-loss": "eod_mask_loss", "reset-position-ids": "reset_position_ids",
+    "reset-attention-mask": "reset_attention_mask",
 }
 # what a checkpoint written before a key was recorded means by its absence
-OLD_DEFAULTS = {"tokenizer_type": "SentencePieceTokenizer"}
+OLD_DEFAULTS = {"tokenizer_type": "SentencePieceTokenizer", "eod_mask_loss": False, "reset_position_ids": False,
+                "reset_attention_mask": False}
 # this run's flag -> the scheduler setting it feeds (training/backends.py _scheduler)
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "train_iters", "weight_decay")
 
@@ -42,7 +45,8 @@ def data_settings(args, global_batch_size: int, tokenizer_model: Optional[str],
     return {"global_batch_size": global_batch_size, "seed": args.seed, "data_path": args.data_path,
             "split": args.split, "tokenizer_sha256": tokenizer_sha256(tokenizer_model), "tokenizer_type": tokenizer_type,
             "simreg_weight": args.simreg_weight, "simreg_temperature": args.simreg_temperature,
-            "jreg_weight": args.jreg_weight}
+            "jreg_weight": args.jreg_weight, "eod_mask_loss": args.eod_mask_loss,
+            "reset_position_ids": args.reset_position_ids, "reset_attention_mask": args.reset_attention_mask}
 
 
 def check_data(saved: Optional[Dict[str, Any]], current: Dict[str, Any], allowed: List[str], where: str,
