@@ -1,11 +1,14 @@
-"""Megatron-LM's document flags in ``megatron-simreg train`` (issue 26 item 1): ``--eod-mask-loss``,
-``--reset-position-ids``, ``--reset-attention-mask``, on the default corpus, in the model, and on resume."""
+"""Megatron-LM's data flags in ``megatron-simreg train`` (issue 26 items 1 and 4): ``--eod-mask-loss``,
+``--reset-position-ids``, ``--reset-attention-mask`` on the default corpus, in the model and on resume; ``--mock-data``."""
+
+import json
+import os
 
 import pytest
 import torch
 
 from megatron_utils import build_tiny_gpt, run_distributed
-from trainer_utils import train
+from trainer_utils import metrics, train
 
 FLAGS = ["--eod-mask-loss", "--reset-position-ids", "--reset-attention-mask"]
 
@@ -82,10 +85,11 @@ def test_document_flags_are_checked_on_resume():
     from megatron_simreg.training.resume_checks import check_data, data_settings
 
     base = dict(seed=1, data_path=None, split="969,30,1", tokenizer_type="SentencePieceTokenizer",
-                simreg_weight=0.0, simreg_temperature=0.1, jreg_weight=0.0, eod_mask_loss=False,
+                simreg_weight=0.0, simreg_temperature=0.1, jreg_weight=0.0, mock_data=False, eod_mask_loss=False,
                 reset_position_ids=False, reset_attention_mask=False)
     saved = data_settings(SimpleNamespace(**base), 8, None)
-    old = {k: v for k, v in saved.items() if k not in ("eod_mask_loss", "reset_position_ids", "reset_attention_mask")}
+    old = {k: v for k, v in saved.items()
+           if k not in ("mock_data", "eod_mask_loss", "reset_position_ids", "reset_attention_mask")}
     now = data_settings(SimpleNamespace(**{**base, "eod_mask_loss": True}), 8, None)
     check_data(old, saved, [], "here")  # a checkpoint from before the flags were recorded had them off
     with pytest.raises(ValueError, match="--eod-mask-loss: checkpoint=False run=True"):
@@ -98,3 +102,11 @@ def test_a_run_trains_with_the_document_flags(tmp_path, cache):
     train("--train-iters", "2", "--save", save, "--simreg-weight", "0.1", "--jreg-weight", "1.0", *FLAGS,
           cache=cache)
 
+
+
+def test_mock_data_trains_on_megatron_cores_mock_dataset(tmp_path, cache):
+    save = str(tmp_path / "run")
+    train("--train-iters", "2", "--save", save, "--mock-data", "--eod-mask-loss", cache=cache)
+    assert [r["iteration"] for r in metrics(save)] == [1, 2]
+    meta = json.load(open(os.path.join(save, "iter_0000002", "meta.json")))
+    assert meta["data"]["mock_data"] is True and meta["data"]["eod_mask_loss"] is True

@@ -265,7 +265,8 @@ def build_gpt_datasets(
     """Build ``(train, valid, test)`` GPT datasets (Megatron's ``GPTDataset``, or ``BlendedDataset`` for blends).
 
     - ``data_path``: Megatron's ``--data-path`` list (see :func:`parse_blend`); each entry a prefix of
-      ``.bin``/``.idx`` files from ``tools/preprocess_data.py``.
+      ``.bin``/``.idx`` files from ``tools/preprocess_data.py``. ``None``: megatron-core's mock GPT dataset
+      (``MockGPTDataset``, Megatron-LM's ``--mock-data``: synthetic documents, no files).
     - ``split``: Megatron's ``"train,valid,test"`` weights of the documents, e.g. ``"98,2,0"``.
     - ``num_samples``: samples wanted per split (Megatron's ``train_val_test_num_samples``); a dataset spans
       as many epochs as that takes. ``None`` = one epoch (not allowed with explicit blend weights).
@@ -278,7 +279,7 @@ def build_gpt_datasets(
     False. ``create_attention_mask=False`` (the model builds the causal mask) gives the four keys of the
     module docstring; True adds Megatron's ``attention_mask`` ``[1, s, s]``.
     """
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     from .helpers import ensure_dataset_helpers
 
@@ -287,18 +288,19 @@ def build_gpt_datasets(
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples!r}")
     is_built_on_rank = is_built_on_rank or default_is_built_on_rank
-    prefixes, weights = parse_blend(data_path)
+    mock = data_path is None
+    prefixes, weights = ([], None) if mock else parse_blend(data_path)
     builds_here = not torch.distributed.is_initialized() or is_built_on_rank()
     if builds_here:
         for prefix in prefixes:
             check_prefix(prefix)
         ensure_dataset_helpers()
-    path_to_cache = None if cache_dir is None else os.path.join(cache_dir, _data_fingerprint(prefixes))
+    path_to_cache = None if cache_dir is None or mock else os.path.join(cache_dir, _data_fingerprint(prefixes))
 
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=(prefixes, weights),
+        blend=None if mock else (prefixes, weights),
         split=split,
         path_to_cache=path_to_cache,
         tokenizer=as_megatron_tokenizer(tokenizer),
@@ -316,5 +318,6 @@ def build_gpt_datasets(
                 raise ValueError(f"a weighted blend needs a sample count for every split it builds; the {name} "
                                  f"split has weight > 0 in {split!r} but num_samples gives None. Fix: pass a "
                                  f"number, or drop the weights from data_path.")
-    train, valid, test = _builder_class()(GPTDataset, sizes, is_built_on_rank, config).build()
+    cls = MockGPTDataset if mock else GPTDataset
+    train, valid, test = _builder_class()(cls, sizes, is_built_on_rank, config).build()
     return train, valid, test

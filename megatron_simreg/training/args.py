@@ -116,6 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "corpus is tokenized with this one): a sentencepiece .model file, or with --tokenizer-type "
                         "HuggingFaceTokenizer a directory holding tokenizer.json")
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--mock-data", action="store_true",
+                   help="train on megatron-core's mock GPT dataset (synthetic documents, no files; tokenized ids "
+                        "of the default or --tokenizer-model tokenizer's range): smoke tests and benchmarks")
     g.add_argument("--eod-mask-loss", action="store_true",
                    help="positions whose input token is EOD (each predicts the next document's first token) count "
                         "for nothing: not in the LM loss, not SimReg anchors or keys, not in JREG (Megatron-LM's flag)")
@@ -337,6 +340,8 @@ def validate(a: argparse.Namespace) -> None:
         raise ValueError("--save-interval must be >= 1")
     if a.save_interval and not a.save:
         raise ValueError("--save-interval needs --save DIR")
+    if a.mock_data and a.data_path:
+        raise ValueError("--mock-data and --data-path exclude each other: mock data reads no files")
     if a.reset_attention_mask and a.context_parallel_size > 1:
         raise ValueError("--reset-attention-mask with --context-parallel-size > 1 is not supported: the "
                          "document-causal [s, s] mask is not split over context-parallel ranks; drop one of them")

@@ -125,7 +125,9 @@ def build_datasets(args, gbs: int, train_samples: int):
     tokenizer = build_tokenizer(tok_type, tok_model)
     if args.data_path:
         check_token_range(data_path, tokenizer, tok_type)  # data from another tokenizer: refused before training
-    if (args.check_contamination or not args.data_path) and dist.get_rank() == 0:
+    if args.mock_data:
+        data_path = None  # megatron-core's MockGPTDataset: only the tokenizer's vocabulary and EOD are read
+    elif (args.check_contamination or not args.data_path) and dist.get_rank() == 0:
         cached = None if args.data_path else os.path.join(os.path.dirname(data_path[0]),
                                                           f"contamination_{args.split.replace(',', '-')}.json")
         print(contamination_line(data_path, args.split, cached), flush=True)
