@@ -34,7 +34,7 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
 fi
 # Never `pip install apex`: the PyPI package of that name is an unrelated web
 # toolkit. NVIDIA apex is optional and detected at run time.
-"${PIP[@]}" "$MCORE" sentencepiece transformers safetensors pyyaml pytest pytest-timeout tqdm matplotlib tensorboard lm-eval accelerate datasketch scipy pytest-xdist
+"${PIP[@]}" "$MCORE" sentencepiece transformers safetensors pyyaml pytest pytest-timeout tqdm matplotlib tensorboard wandb lm-eval accelerate datasketch scipy pytest-xdist
 "$PY" -c 'import triton' 2>/dev/null || "${PIP[@]}" "triton>=3.2,<4"  # impl="triton"; CPU tests use its interpreter
 "${PIP[@]}" --no-build-isolation "deepspeed>=0.19,<0.20"
 "${PIP[@]}" --no-build-isolation --no-deps -e "$ROOT"

@@ -164,6 +164,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Each evaluation logs val_loss_se, the loss's standard error over its batches")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None, help="default <save>/tensorboard")
+    g.add_argument("--wandb-project", default=None,
+                   help="also log every scalar TensorBoard gets to this Weights & Biases project (needs the wandb "
+                        "package; WANDB_MODE=offline logs with no network, for `wandb sync` later)")
+    g.add_argument("--wandb-exp-name", default=None, help="the wandb run's name")
+    g.add_argument("--wandb-save-dir", default=None, help="where wandb writes its files (default <save>/wandb)")
     g = p.add_argument_group("SimReg and JREG")
     g.add_argument("--simreg-weight", type=float, default=0.0, help="lambda; 0 disables SimReg")
     g.add_argument("--simreg-temperature", type=float, default=0.1)
@@ -340,6 +345,14 @@ def validate(a: argparse.Namespace) -> None:
         raise ValueError("--save-interval must be >= 1")
     if a.save_interval and not a.save:
         raise ValueError("--save-interval needs --save DIR")
+    if a.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--wandb-project needs the wandb package, which is not installed: pip install wandb "
+                             "(with WANDB_MODE=offline it logs without a network), or drop --wandb-project") from None
+    if (a.wandb_exp_name or a.wandb_save_dir) and not a.wandb_project:
+        raise ValueError("--wandb-exp-name and --wandb-save-dir need --wandb-project")
     if a.mock_data and a.data_path:
         raise ValueError("--mock-data and --data-path exclude each other: mock data reads no files")
     if a.reset_attention_mask and a.context_parallel_size > 1:

@@ -1,4 +1,4 @@
-"""Where training metrics go: ``<save>/metrics.jsonl``, TensorBoard, and the terminal.
+"""Where training metrics go: ``<save>/metrics.jsonl``, TensorBoard, Weights & Biases, and the terminal.
 
 Only global rank 0 writes. Each logged iteration is one JSON object per line,
 appended and flushed at once so a crash loses at most the current line. A
@@ -18,13 +18,21 @@ import torch
 
 class MetricsWriter:
     def __init__(self, save_dir: Optional[str], tensorboard_dir: Optional[str], total_iters: int, start_iter: int,
-                 enabled: bool = True):
+                 enabled: bool = True, wandb: Optional[Dict[str, Any]] = None):
+        """``wandb``: ``wandb.init``'s keyword arguments (project, name, dir, config), or None for no wandb."""
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
         self.bar = None
+        self.wandb = None
         if not enabled:
             return
+        if wandb is not None:
+            import wandb as wandb_module
+
+            if wandb.get("dir"):
+                os.makedirs(wandb["dir"], exist_ok=True)
+            self.wandb = wandb_module.init(**wandb)
         if save_dir:
             os.makedirs(save_dir, exist_ok=True)
             path = os.path.join(save_dir, "metrics.jsonl")
@@ -50,10 +58,12 @@ class MetricsWriter:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
         it = record["iteration"]
+        scalars = {k: v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
         if self.tb:
-            for k, v in record.items():
-                if k != "iteration" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, it)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, it)
+        if self.wandb:
+            self.wandb.log(scalars, step=it)
         shown = {k: record[k] for k in ("lm_loss", "val_loss", "simreg_loss", "jreg_loss", "lr", "grad_norm")
                  if record.get(k) is not None}
         text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
@@ -70,6 +80,8 @@ class MetricsWriter:
         for h in (self.jsonl, self.tb, self.bar):
             if h is not None:
                 h.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _drop_rows_after(path: str, iteration: int) -> None:

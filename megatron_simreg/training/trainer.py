@@ -142,7 +142,10 @@ def _train(args) -> dict:
     if "hf_vocab_size" in prior_meta:  # an imported model's HF vocabulary: export-hf gives back all its rows
         meta["hf_vocab_size"] = prior_meta["hf_vocab_size"]
     rank0 = dist.get_rank() == 0
-    writer = MetricsWriter(args.save, args.tensorboard_dir, args.train_iters, start_iter, enabled=rank0)
+    wandb = (dict(project=args.wandb_project, name=args.wandb_exp_name, config=vars(args),
+                  dir=args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else None))
+             if args.wandb_project else None)
+    writer = MetricsWriter(args.save, args.tensorboard_dir, args.train_iters, start_iter, enabled=rank0, wandb=wandb)
     batches = Batches(train_ds, gbs, args.micro_batch_size)
     valid_batches = Batches(valid_ds, gbs, args.micro_batch_size) if valid_ds is not None else None
     dp_group = ps.get_data_parallel_group()

@@ -1,8 +1,10 @@
-"""Megatron-LM's data flags in ``megatron-simreg train`` (issue 26 items 1 and 4): ``--eod-mask-loss``,
-``--reset-position-ids``, ``--reset-attention-mask`` on the default corpus, in the model and on resume; ``--mock-data``."""
+"""Megatron-LM's data and logging flags in ``megatron-simreg train`` (issue 26 items 1 and 4): ``--eod-mask-loss``,
+``--reset-position-ids``, ``--reset-attention-mask`` on the default corpus, in the model and on resume; ``--mock-data``;
+and item 5, ``--wandb-*``."""
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -110,3 +112,28 @@ def test_mock_data_trains_on_megatron_cores_mock_dataset(tmp_path, cache):
     assert [r["iteration"] for r in metrics(save)] == [1, 2]
     meta = json.load(open(os.path.join(save, "iter_0000002", "meta.json")))
     assert meta["data"]["mock_data"] is True and meta["data"]["eod_mask_loss"] is True
+
+
+def test_wandb_logs_what_tensorboard_gets_offline(tmp_path, cache):
+    """Issue 26 item 5: Megatron-LM's --wandb-* flags; offline (no network), the same scalars as metrics.jsonl."""
+    save, record = str(tmp_path / "run"), tmp_path / "wandb.jsonl"
+    train("--train-iters", "2", "--save", save, "--simreg-weight", "0.1", "--wandb-project", "proj",
+          "--wandb-exp-name", "exp", cache=cache, shim="record_wandb.py",
+          env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "SIMREG_WANDB_RECORD": str(record)})
+    logged = [json.loads(line) for line in record.read_text().splitlines()]
+    want = metrics(save)
+    assert [r["step"] for r in logged] == [r["iteration"] for r in want] == [1, 2]
+    for got, ref in zip(logged, want):
+        assert got["project"] == "proj" and got["name"] == "exp"
+        for key in ("lm_loss", "simreg_loss", "lr", "grad_norm"):
+            assert got[key] == ref[key], key
+    assert any(name.startswith("offline-run-") for name in os.listdir(os.path.join(save, "wandb", "wandb")))
+
+
+def test_wandb_flags_without_wandb_installed_say_how_to_get_it(capsys, monkeypatch):
+    from megatron_simreg.training.args import parse_train_args
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(SystemExit):
+        parse_train_args(["--wandb-project", "p"])
+    assert "pip install wandb" in capsys.readouterr().err
