@@ -74,14 +74,10 @@ LOGGED = ("lm loss", "simreg loss", "jreg loss")
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "allgather"]
 
 
-CORPUS = None  # the data prefix, written once per session by the `corpus` fixture
-
-
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Short documents over 12 token ids, each ending in EOD, in megatron-core's indexed format: sequences pack
     several documents (so labels repeat: SimReg has anchors), and --eod-mask-loss masks the EOD labels."""
-    global CORPUS
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -92,13 +88,12 @@ def corpus(tmp_path_factory):
         doc = np.append(rng.integers(0, 12, int(rng.integers(4, 24))), VOCAB).astype(np.int32)
         builder.add_document(doc, [len(doc)])  # a numpy array: no torch __array__ copy warning
     builder.finalize(prefix + ".idx")
-    CORPUS = prefix
-    yield prefix
+    return prefix
 
 
-def run(out: Path, *flags: str, nproc: int = 1, hand_check: bool = False, script: Path = LAUNCHER,
+def run(out: Path, corpus: str, *flags: str, nproc: int = 1, hand_check: bool = False, script: Path = LAUNCHER,
         timeout: int = 300, env: dict | None = None) -> list:
-    """Train with Megatron-LM's pretrain_gpt.py through ``script``; returns the recorded iterations."""
+    """Train on ``corpus`` with Megatron-LM's pretrain_gpt.py through ``script``; returns the recorded iterations."""
     out.mkdir(parents=True, exist_ok=True)
     record = out / "record.jsonl"
     record.unlink(missing_ok=True)
@@ -108,7 +103,7 @@ def run(out: Path, *flags: str, nproc: int = 1, hand_check: bool = False, script
                **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(ROOT / "tests" / "megatron_lm_record.py"), str(script), *MODEL, *CPU, "--data-path", CORPUS, *DATA,
+           str(ROOT / "tests" / "megatron_lm_record.py"), str(script), *MODEL, *CPU, "--data-path", corpus, *DATA,
            *TRAIN, *flags]
     proc = subprocess.run(cmd, env=run_env, cwd=out, capture_output=True, text=True, timeout=timeout)
     (out / "stdout.txt").write_text(proc.stdout + proc.stderr)
@@ -134,10 +129,10 @@ def assert_same(ref: dict, got: dict, tol: float, keys=(*LOGGED, "grad_norm")):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(tmp_path_factory, corpus):
     """One process, 3 iterations, every step checked by hand, a checkpoint after each."""
     out = tmp_path_factory.mktemp("mlm_single")
-    records = run(out, *REG, "--train-iters", "3", "--save", str(out / "ckpt"), "--save-interval", "1",
+    records = run(out, corpus, *REG, "--train-iters", "3", "--save", str(out / "ckpt"), "--save-interval", "1",
                   "--tensorboard-dir", str(out / "tb"), hand_check=True)
     return out, records
 
@@ -169,8 +164,8 @@ def test_the_values_are_in_the_log_line_and_tensorboard(single):
     MOE,
     ["--mtp-num-layers", "1"],
 ], ids=["per-token", "full-recompute", "moe", "mtp"])
-def test_megatron_lm_options_train_the_hand_written_objective(tmp_path, flags):
-    records = run(tmp_path, *REG, *flags, "--train-iters", "2", hand_check=True)
+def test_megatron_lm_options_train_the_hand_written_objective(tmp_path, corpus, flags):
+    records = run(tmp_path, corpus, *REG, *flags, "--train-iters", "2", hand_check=True)
     assert [r["iteration"] for r in records] == [1, 2]
     assert_hand_check(records)
 
@@ -181,7 +176,7 @@ def test_megatron_lm_options_train_the_hand_written_objective(tmp_path, flags):
     ["--use-distributed-optimizer"],
     ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"],
 ], ids=["tp2-sp", "pp2", "dp2-distopt", "tp2-pp2-sp"])
-def test_parallel_layouts_match_one_process(single, tmp_path, flags):
+def test_parallel_layouts_match_one_process(single, corpus, tmp_path, flags):
     """From the one-process run's iteration-1 checkpoint, iteration 2 at another layout: same weights, same batch.
 
     TP2 x PP2 is where Megatron-LM calls the first stage's TP rank 1 without loss_mask (get_batch_on_this_tp_rank
@@ -190,23 +185,23 @@ def test_parallel_layouts_match_one_process(single, tmp_path, flags):
     jreg loss by 2.0e-4, 20x and more over LAYOUT_TOL (measured by hand)."""
     out, records = single
     nproc = 4 if "--pipeline-model-parallel-size" in flags and "--tensor-model-parallel-size" in flags else 2
-    got = run(tmp_path, *REG, *flags, "--train-iters", "2", "--load", str(out / "ckpt"), "--ckpt-step", "1",
+    got = run(tmp_path, corpus, *REG, *flags, "--train-iters", "2", "--load", str(out / "ckpt"), "--ckpt-step", "1",
               "--no-load-optim", "--no-load-rng", "--exit-on-missing-checkpoint", nproc=nproc)
     assert [r["iteration"] for r in got] == [2]
     assert_same(records[1], got[0], LAYOUT_TOL)
 
 
-def test_a_resume_through_megatron_lm_checkpointing_continues_bitwise(single, tmp_path):
+def test_a_resume_through_megatron_lm_checkpointing_continues_bitwise(single, corpus, tmp_path):
     out, records = single
-    got = run(tmp_path, *REG, "--train-iters", "3", "--load", str(out / "ckpt"), "--ckpt-step", "2",
+    got = run(tmp_path, corpus, *REG, "--train-iters", "3", "--load", str(out / "ckpt"), "--ckpt-step", "2",
               "--exit-on-missing-checkpoint")
     assert [r["iteration"] for r in got] == [3]
     assert_same(records[2], got[0], 0.0, keys=(*LOGGED, "grad_norm", "lr"))
 
 
-def test_a_wrong_coefficient_is_seen(tmp_path):
+def test_a_wrong_coefficient_is_seen(tmp_path, corpus):
     """The hand check sees SimReg's lambda off by 10% in the adapter (a planted bug)."""
-    records = run(tmp_path, *REG, "--train-iters", "1", hand_check=True,
+    records = run(tmp_path, corpus, *REG, "--train-iters", "1", hand_check=True,
                   script=ROOT / "tests" / "shims" / "plant_simreg_coefficient.py")
     assert records[0]["hand_grad_rel_err"] > 100 * HAND_TOL, records[0]
 
