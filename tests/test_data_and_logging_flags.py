@@ -15,22 +15,25 @@ from trainer_utils import metrics, train
 FLAGS = ["--eod-mask-loss", "--reset-position-ids", "--reset-attention-mask"]
 
 
-def _samples(rank, world, cache, flags):
-    """The first train samples of the default corpus (seq 256) holding two EOD tokens or more (2 of the
-    first 400), and the EOD id."""
+def _samples(rank, world, cache):
+    """With FLAGS, the first train samples of the default corpus (seq 256) holding two EOD tokens or more (2 of the
+    first 400); without them, samples 0 and 1; and the EOD id."""
     from megatron_simreg.training.args import parse_train_args
     from megatron_simreg.training.data import build_datasets
 
-    args = parse_train_args(["--data-cache-path", cache, "--seq-length", "256", *flags])
-    train_ds, _, tokenizer = build_datasets(args, gbs=1, train_samples=400)
-    found = []
-    for i in range(400):
-        s = {k: torch.as_tensor(v) for k, v in train_ds[i].items()}
-        if (s["tokens"] == tokenizer.eod).sum() >= 2:
-            found.append(s)
-        if len(found) == 2:
-            break
-    return found, tokenizer.eod
+    out = []
+    for flags in (FLAGS, []):
+        args = parse_train_args(["--data-cache-path", cache, "--seq-length", "256", *flags])
+        train_ds, _, tokenizer = build_datasets(args, gbs=1, train_samples=400)
+        found = []
+        for i in range(400):
+            s = {k: torch.as_tensor(v) for k, v in train_ds[i].items()}
+            if (s["tokens"] == tokenizer.eod).sum() >= 2 or not flags:
+                found.append(s)
+            if len(found) == 2:
+                break
+        out.append(found)
+    return out, tokenizer.eod
 
 
 def _documents(tokens, eod):
@@ -39,7 +42,7 @@ def _documents(tokens, eod):
 
 
 def test_the_flags_cut_packed_sequences_into_documents(cache):
-    samples, eod = run_distributed(_samples, 1, (cache, FLAGS), timeout=300)[0]
+    (samples, plain), eod = run_distributed(_samples, 1, (cache,), timeout=300)[0]
     assert len(samples) == 2, "the default corpus should pack short documents together at seq 256"
     for s in samples:
         doc = _documents(s["tokens"], eod)
@@ -51,12 +54,12 @@ def test_the_flags_cut_packed_sequences_into_documents(cache):
         # Megatron's --eod-mask-loss: a position whose input is EOD (it predicts the next document's first token)
         # counts for nothing; the EOD label itself is still predicted
         assert torch.equal(s["loss_mask"] == 0, s["tokens"] == eod)
-    plain, _ = run_distributed(_samples, 1, (cache, []), timeout=300)[0]
     assert "attention_mask" not in plain[0] and bool((plain[0]["loss_mask"] == 1).all())
     assert torch.equal(plain[0]["position_ids"], torch.arange(256))
 
 
-def _logits_of_the_second_document(rank, world, with_mask):
+def _logits_of_the_second_document(rank, world):
+    """Document 2's outputs for two versions of document 1, with and without the document mask."""
     from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 
     model, _ = build_tiny_gpt()
@@ -64,20 +67,24 @@ def _logits_of_the_second_document(rank, world, with_mask):
     eod, s = 0, 32
     tokens = torch.randint(1, 64, (1, s), generator=torch.Generator().manual_seed(0))
     tokens[0, 11] = eod  # document 1 is positions 0-11, document 2 starts at 12
-    out = []
-    for first in (tokens, torch.cat([torch.randint(1, 64, (1, 11)), tokens[:, 11:]], 1)):  # document 1 changed
-        mask, _, pos = _get_ltor_masks_and_position_ids(first[0], eod, reset_position_ids=True,
-                                                        reset_attention_mask=with_mask, eod_mask_loss=False,
-                                                        create_attention_mask=True)
-        with torch.no_grad():
-            out.append(model(first, pos[None], mask[None] if with_mask else None)[:, 12:].clone())
+    other_first = torch.cat([torch.randint(1, 64, (1, 11)), tokens[:, 11:]], 1)  # document 1 changed
+    out = {}
+    for with_mask in (True, False):
+        out[with_mask] = []
+        for first in (tokens, other_first):
+            mask, _, pos = _get_ltor_masks_and_position_ids(first[0], eod, reset_position_ids=True,
+                                                            reset_attention_mask=with_mask, eod_mask_loss=False,
+                                                            create_attention_mask=True)
+            with torch.no_grad():
+                out[with_mask].append(model(first, pos[None], mask[None] if with_mask else None)[:, 12:].clone())
     return out
 
 
 def test_reset_attention_mask_keeps_one_document_from_attending_to_another():
-    same, changed = run_distributed(_logits_of_the_second_document, 1, (True,), timeout=120)[0]
+    out = run_distributed(_logits_of_the_second_document, 1, timeout=120)[0]
+    same, changed = out[True]
     assert torch.equal(same, changed)  # document 2's outputs do not see document 1's tokens
-    a, b = run_distributed(_logits_of_the_second_document, 1, (False,), timeout=120)[0]
+    a, b = out[False]
     assert (a - b).abs().max() > 1e-3  # ... which they do without the mask: the check can see a leak
 
 
@@ -99,33 +106,21 @@ def test_document_flags_are_checked_on_resume():
     check_data(saved, now, ["eod-mask-loss"], "here", log=lambda *a: None)
 
 
-def test_a_run_trains_with_the_document_flags(tmp_path, cache):
-    save = str(tmp_path / "run")
-    train("--train-iters", "2", "--save", save, "--simreg-weight", "0.1", "--jreg-weight", "1.0", *FLAGS,
-          cache=cache)
-
-
-
-def test_mock_data_trains_on_megatron_cores_mock_dataset(tmp_path, cache):
-    save = str(tmp_path / "run")
-    train("--train-iters", "2", "--save", save, "--mock-data", "--eod-mask-loss", cache=cache)
-    assert [r["iteration"] for r in metrics(save)] == [1, 2]
-    meta = json.load(open(os.path.join(save, "iter_0000002", "meta.json")))
-    assert meta["data"]["mock_data"] is True and meta["data"]["eod_mask_loss"] is True
-
-
-def test_wandb_logs_what_tensorboard_gets_offline(tmp_path, cache):
-    """Issue 26 item 5: Megatron-LM's --wandb-* flags; offline (no network), the same scalars as metrics.jsonl."""
+def test_one_run_with_mock_data_the_document_flags_and_wandb_offline(tmp_path, cache):
+    """The plumbing, end to end in one run: --mock-data (megatron-core's MockGPTDataset), the three document flags
+    recorded in the checkpoint, and wandb offline (no network) given the scalars metrics.jsonl holds."""
     save, record = str(tmp_path / "run"), tmp_path / "wandb.jsonl"
-    train("--train-iters", "2", "--save", save, "--simreg-weight", "0.1", "--wandb-project", "proj",
-          "--wandb-exp-name", "exp", cache=cache, shim="record_wandb.py",
+    train("--train-iters", "2", "--save", save, "--simreg-weight", "0.1", "--jreg-weight", "1.0", "--mock-data",
+          *FLAGS, "--wandb-project", "proj", "--wandb-exp-name", "exp", cache=cache, shim="record_wandb.py",
           env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "SIMREG_WANDB_RECORD": str(record)})
-    logged = [json.loads(line) for line in record.read_text().splitlines()]
     want = metrics(save)
+    data = json.load(open(os.path.join(save, "iter_0000002", "meta.json")))["data"]
+    assert data["mock_data"] is True and all(data[f[2:].replace("-", "_")] is True for f in FLAGS)
+    logged = [json.loads(line) for line in record.read_text().splitlines()]
     assert [r["step"] for r in logged] == [r["iteration"] for r in want] == [1, 2]
     for got, ref in zip(logged, want):
         assert got["project"] == "proj" and got["name"] == "exp"
-        for key in ("lm_loss", "simreg_loss", "lr", "grad_norm"):
+        for key in ("lm_loss", "simreg_loss", "jreg_loss", "lr", "grad_norm"):
             assert got[key] == ref[key], key
     assert any(name.startswith("offline-run-") for name in os.listdir(os.path.join(save, "wandb", "wandb")))
 

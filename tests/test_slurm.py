@@ -29,7 +29,13 @@ TWO_NODES = ["--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1", "-
              "--time", "10"]
 
 
-def submit(*argv, env=None, timeout=240):
+# Hang guards, not tolerances: alone these jobs take 10-100 s, but the suite keeps both cores busy (3 xdist
+# workers, multi-process runs beside them) and one full run saw 218 s and 240 s.
+JOB_TIMEOUT = 420
+pytestmark = pytest.mark.timeout(900)  # above JOB_TIMEOUT plus the cluster's start
+
+
+def submit(*argv, env=None, timeout=JOB_TIMEOUT):
     cmd = [sys.executable, "-m", "megatron_simreg.commands.submit", *argv]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
@@ -214,7 +220,7 @@ def test_preempted_job_resumes_with_the_same_losses(reference, cluster, tmp_path
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = cluster["env"]["SLURM_CONF"]
     try:
-        states = wait(jid, poll=1, timeout=200, quiet=True)
+        states = wait(jid, poll=1, timeout=JOB_TIMEOUT, quiet=True)
     finally:
         if old is None:
             os.environ.pop("SLURM_CONF")
