@@ -302,8 +302,11 @@ def _begin_step(data_iterator, simreg, jreg, every_token_counts: bool) -> None:
     tp_group, tp_src = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank()
     tp = ps.get_tensor_model_parallel_world_size()
 
+    pp = ps.get_pipeline_model_parallel_world_size()
     counts = None
-    if simreg is not None and simreg.normalization == "global_batch":
+    # SimReg runs on the last stage only; its DP and TP groups lie within the stage, so other stages skip the count
+    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+    if simreg is not None and simreg.normalization == "global_batch" and last_stage:
         counts = torch.zeros(2, dtype=torch.float64, device=device)  # [anchors, valid tokens]
         if batches and batches[0].get("labels") is not None:
             labels = [b["labels"] for b in batches]
@@ -316,16 +319,16 @@ def _begin_step(data_iterator, simreg, jreg, every_token_counts: bool) -> None:
             dist.broadcast(counts, src=tp_src, group=tp_group)
 
     masks = None
-    if jreg is not None and not every_token_counts:
+    # without pipeline stages every rank's model gets loss_mask from Megatron-LM itself: nothing to hand over
+    if jreg is not None and not every_token_counts and pp > 1:
         shape = (m, args.micro_batch_size, args.seq_length)
         masks = (torch.stack([b["loss_mask"] for b in batches]).to(device, torch.uint8) if batches
                  else torch.zeros(shape, dtype=torch.uint8, device=device))
         if tuple(masks.shape) != shape:
             raise ValueError(f"megatron-simreg: the step's loss masks have shape {tuple(masks.shape)}, expected "
                              f"[micro-batches, --micro-batch-size, --seq-length] = {list(shape)}")
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(masks, src=ps.get_pipeline_model_parallel_first_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast(masks, src=ps.get_pipeline_model_parallel_first_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
         if tp > 1:
             dist.broadcast(masks, src=tp_src, group=tp_group)
         masks = list(masks.unbind(0))
