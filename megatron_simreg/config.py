@@ -15,6 +15,7 @@ SIMREG_IMPLS = ("auto", "naive", "blockwise", "triton")
 SIMREG_REPRESENTATIONS = ("post_norm", "pre_norm")
 SIMREG_MODES = ("exact", "shard_local")
 SIMREG_NORMALIZATIONS = ("global_batch", "micro_batch")
+SIMREG_SCOPES = ("sequence", "document")
 JREG_WEIGHTINGS = ("final", "layer_weighted")
 JREG_METRICS = ("angular", "cosine")
 
@@ -34,6 +35,13 @@ def check_chunk_size(chunk_size) -> None:
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
         raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
+
+
+def check_scope(scope, eod_id) -> None:
+    check_choice("scope", scope, SIMREG_SCOPES)
+    if scope == "document" and (isinstance(eod_id, bool) or not isinstance(eod_id, int) or eod_id < 0):
+        raise ValueError(f'scope="document" needs eod_id, the tokenizer\'s end-of-document id (an int >= 0), '
+                         f"got {eod_id!r}")
 
 
 def check_weight(name: str, weight) -> None:
@@ -67,6 +75,13 @@ class SimRegConfig:
             ``megatron_simreg.megatron.begin_step``; ``"micro_batch"`` needs
             nothing and averages per-micro-batch means, like Megatron's MoE
             aux loss. See ``megatron_simreg/megatron/step.py``.
+        scope: ``"sequence"`` (default) pairs any two tokens of a training
+            sequence; ``"document"`` only tokens of the same document of a
+            packed sequence, documents ending after each input EOD token
+            (Megatron's ``--reset-attention-mask`` boundaries; see
+            :func:`megatron_simreg.losses.simreg.document_ids`).
+        eod_id: the tokenizer's end-of-document id; required by
+            ``scope="document"``.
     """
 
     weight: float = 0.1
@@ -76,6 +91,8 @@ class SimRegConfig:
     impl: str = "auto"
     mode: str = "exact"
     normalization: str = "global_batch"
+    scope: str = "sequence"
+    eod_id: Optional[int] = None
 
     def __post_init__(self):
         check_weight("SimRegConfig.weight", self.weight)
@@ -85,6 +102,7 @@ class SimRegConfig:
         check_choice("SimRegConfig.impl", self.impl, SIMREG_IMPLS)
         check_choice("SimRegConfig.mode", self.mode, SIMREG_MODES)
         check_choice("SimRegConfig.normalization", self.normalization, SIMREG_NORMALIZATIONS)
+        check_scope(self.scope, self.eod_id)
 
 
 @dataclass

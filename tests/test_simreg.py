@@ -16,8 +16,12 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(simreg_blockwise, "DEFAULT_BLOCK_SIZE", 7)
 
 
-def loop_reference(hidden, labels, loss_mask=None, temperature=0.1, chunk_size=None, ignore_index=-100):
-    """The definition, written as literally as possible in Python floats."""
+def loop_reference(hidden, labels, loss_mask=None, temperature=0.1, chunk_size=None, ignore_index=-100,
+                   documents=None):
+    """The definition, written as literally as possible in Python floats.
+
+    ``documents``: per row, a list of each position's document; keys then only come from the anchor's document.
+    """
     b, s, _ = hidden.shape
     z = [[hidden[i, t].double() / max(hidden[i, t].double().norm().item(), 1e-8) for t in range(s)] for i in range(b)]
     total, count, per_token = 0.0, 0, torch.zeros(b, s, dtype=torch.float64)
@@ -28,7 +32,8 @@ def loop_reference(hidden, labels, loss_mask=None, temperature=0.1, chunk_size=N
             if not valid[a]:
                 continue
             keys = [j for j in range(s) if valid[j] and j != a
-                    and (chunk_size is None or j // chunk_size == a // chunk_size)]
+                    and (chunk_size is None or j // chunk_size == a // chunk_size)
+                    and (documents is None or documents[i][j] == documents[i][a])]
             pos = [j for j in keys if labels[i, j].item() == labels[i, a].item()]
             if not pos:
                 continue

@@ -35,7 +35,8 @@ def triton_import_error():
 # name -> (dtype, chunk_size, kind); kinds: "terms" (public simreg_terms path: self keys,
 # normalized inside), "keys" (separate keys with positions, as distributed exact
 # mode passes), "shard" (self keys, non-contiguous positions, as shard_local passes);
-# "_raw": raw states normalized inside (norm_eps), as the Megatron integration passes them.
+# "_raw": raw states normalized inside (norm_eps), as the Megatron integration passes them;
+# "_docs": document scope (EOD = label 4 of 5: documents of ~5 tokens).
 CASES = {
     "fp32": ("float32", None, "terms"),
     "fp32_chunk10": ("float32", 10, "terms"),
@@ -51,7 +52,13 @@ CASES = {
     "fp32_keys_raw_chunk5": ("float32", 5, "keys_raw"),
     "bf16_keys_raw": ("bfloat16", None, "keys_raw"),
     "fp32_shard_raw": ("float32", None, "shard_raw"),
+    "fp32_docs": ("float32", None, "terms_docs"),
+    "fp32_docs_chunk10": ("float32", 10, "terms_docs"),
+    "bf16_docs": ("bfloat16", None, "terms_docs"),
+    "fp32_keys_docs_chunk5_raw": ("float32", 5, "keys_docs_raw"),
+    "fp32_shard_docs": ("float32", None, "shard_docs"),
 }
+EOD = 4
 
 
 def _worker() -> dict:  # runs in the subprocess, under the interpreter
@@ -60,7 +67,7 @@ def _worker() -> dict:  # runs in the subprocess, under the interpreter
     if error:
         return {"triton_import_error": error}
     from megatron_simreg.kernels import simreg_triton  # an ImportError here is a failure, not a skip
-    from megatron_simreg.losses.simreg import NORM_EPS, normalize
+    from megatron_simreg.losses.simreg import NORM_EPS, document_ids, normalize
 
     small = dict(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1, num_splits=2, slab_rows=16)
     for table in (simreg_triton.FWD_CONFIG, simreg_triton.BWD_CONFIG):
@@ -105,9 +112,12 @@ def _worker() -> dict:  # runs in the subprocess, under the interpreter
         hidden, labels, mask, weights = data(2, 37, 24, dtype, seed=len(results))
         valid = (labels != -100) & (mask == 1)
         tau = 1.0 if kind == "terms_tau1" else 0.1
+        docs = document_ids(labels, EOD) if "_docs" in kind else None
         if kind.startswith("terms"):
+            scope = dict(scope="document", eod_id=EOD) if docs is not None else {}
+
             def run(impl, h):
-                return ms.simreg_terms(h, labels, mask, temperature=tau, chunk_size=chunk, impl=impl)
+                return ms.simreg_terms(h, labels, mask, temperature=tau, chunk_size=chunk, impl=impl, **scope)
             got = terms_and_grads(lambda h: run("triton", h), hidden, weights)
             again = terms_and_grads(lambda h: run("triton", h), hidden, weights)
             ref = terms_and_grads(lambda h: run("naive", h), hidden.double(), weights)
@@ -121,8 +131,12 @@ def _worker() -> dict:  # runs in the subprocess, under the interpreter
 
         def run(impl, z):
             kw = dict(temperature=tau, chunk_size=chunk, impl=impl, q_positions=pos, norm_eps=NORM_EPS if raw else None)
+            if docs is not None:
+                kw["q_docs"] = docs[:, pos]
             if kind.startswith("keys"):
                 kw["keys"] = (z, labels, valid)
+                if docs is not None:
+                    kw["k_docs"] = docs
             return ms.simreg_per_token(z[:, pos], labels[:, pos], valid[:, pos], **kw)
         # The (normalized, or raw) states are the leaf in the case's dtype; the reference sees the same values in
         # float64. With keys, the leaf reaches the loss as anchors and as keys, so both gradients are checked.

@@ -46,7 +46,10 @@ Chunked mode with contiguous positions (``contiguous=True``) is run as a batch
 of independent chunks (``[b * s / c, c, h]``, plus the tail, while that batch
 fits the grid's 65535 limit), so no work is spent on pairs in different
 chunks. Other chunked inputs (sharded positions) mask by chunk id
-(``pos // chunk_size``) inside the kernels.
+(``pos // chunk_size``) inside the kernels. Documents (``dq``/``dk``) use the
+same mask: the segment id is ``doc + pos // chunk_size`` (``doc`` without
+chunks). Both terms are non-decreasing in the position, so two positions of a
+row share an id exactly when they share both the document and the chunk.
 
 On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set
 before ``triton`` is imported); the interpreter mis-handles ``tl.dot`` on
@@ -97,8 +100,9 @@ def _simreg_fwd_kernel(
     """Per-row statistics of anchors ``[pid_m * BLOCK_M, +BLOCK_M)`` over key split ``pid_s``.
 
     Token metadata is int32 ``[b, s]``: ``P`` position (-1 marks an invalid
-    token), ``Y`` label, ``C`` chunk id (only read when ``CHUNKED``), ``R`` fp32
-    inverse norm. Allowed pair: both valid, ``P_q != P_k``, same chunk.
+    token), ``Y`` label, ``C`` segment id (chunk and document; only read when
+    ``CHUNKED``), ``R`` fp32 inverse norm. Allowed pair: both valid,
+    ``P_q != P_k``, same segment.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -280,15 +284,18 @@ def _inverse_norms(x: torch.Tensor, norm_eps: Optional[float]):
     return 1.0 / norms.clamp_min(norm_eps), norms > norm_eps
 
 
-def _metadata(labels: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, chunk_size: Optional[int]):
-    """int32 ``[b, s]`` labels, positions (-1 where invalid) and chunk ids (-1 where invalid; 0 without chunks)."""
+def _metadata(labels: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, chunk_size: Optional[int],
+              docs: Optional[torch.Tensor]):
+    """int32 ``[b, s]`` labels, positions (-1 where invalid) and segment ids (-1 where invalid; see the module
+    docstring), the latter only with chunks or documents."""
     b, s = labels.shape
     pos = positions.to(device=labels.device, dtype=torch.int64).view(1, s)
     p = torch.where(valid, pos, -1).to(torch.int32).contiguous()
-    if chunk_size is None:
+    if chunk_size is None and docs is None:
         c = p  # never read by the kernels (CHUNKED=False)
     else:
-        c = torch.where(valid, pos // chunk_size, -1).to(torch.int32).contiguous()
+        seg = (pos // chunk_size if chunk_size is not None else 0) + (docs if docs is not None else 0)
+        c = torch.where(valid, seg, -1).to(torch.int32).contiguous()
     return labels.to(torch.int32).contiguous(), p, c
 
 
@@ -296,12 +303,13 @@ class TritonSimReg(torch.autograd.Function):
     """Inputs as :func:`triton_simreg` (``xk=None``: self keys); returns ``(per_token, anchors)``."""
 
     @staticmethod
-    def forward(ctx, xq, xk, yq, yk, vq, vk, pq, pk, temperature, chunk_size, norm_eps, fwd_over, bwd_over):
+    def forward(ctx, xq, xk, yq, yk, vq, vk, pq, pk, dq, dk, temperature, chunk_size, norm_eps, fwd_over, bwd_over):
         self_keys = xk is None
         if xq.stride(-1) != 1:
             xq = xq.contiguous()
         rq, unclamped = _inverse_norms(xq, norm_eps)
-        yq, pq, cq = _metadata(yq, vq, pq, chunk_size)
+        segmented = chunk_size is not None or dq is not None
+        yq, pq, cq = _metadata(yq, vq, pq, chunk_size, dq)
         unclamped_k = None
         if self_keys:
             xk, yk, pk, ck, rk = xq, yq, pq, cq, rq
@@ -309,7 +317,7 @@ class TritonSimReg(torch.autograd.Function):
             if xk.stride(-1) != 1:
                 xk = xk.contiguous()
             rk, unclamped_k = _inverse_norms(xk, norm_eps)
-            yk, pk, ck = _metadata(yk, vk, pk, chunk_size)
+            yk, pk, ck = _metadata(yk, vk, pk, chunk_size, dk)
         b, sq, h = xq.shape
         sk = xk.shape[1]
         cfg = _config(FWD_CONFIG, xq.dtype, fwd_over)
@@ -328,7 +336,7 @@ class TritonSimReg(torch.autograd.Function):
             xq, rq, yq, pq, cq, xk, rk, yk, pk, ck, lse, psum, npos,
             sq, sk, h, xq.stride(0), xq.stride(1), xk.stride(0), xk.stride(1),
             inv_tau,
-            CHUNKED=chunk_size is not None, SPLITS=splits,
+            CHUNKED=segmented, SPLITS=splits,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["block_k"],
             EVEN_H=h % cfg["block_k"] == 0, UPCAST=not xq.is_cuda, PREC=_precision(xq.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -341,7 +349,7 @@ class TritonSimReg(torch.autograd.Function):
         lse = torch.where(anchors, lse, 0.0)
         per_token = torch.where(anchors, lse - psum / npos.clamp_min(1), 0.0)
         ctx.self_keys = self_keys
-        ctx.args = (temperature, chunk_size, norm_eps, bwd_over)
+        ctx.args = (temperature, segmented, norm_eps, bwd_over)
         keys = (None,) * 5 if self_keys else (xk, rk, yk, pk, ck)
         ctx.save_for_backward(xq, rq, yq, pq, cq, *keys, unclamped, unclamped_k, lse, npos, anchors)
         ctx.mark_non_differentiable(anchors)
@@ -350,7 +358,7 @@ class TritonSimReg(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_per_token, _grad_anchors):
         xq, rq, yq, pq, cq, xk, rk, yk, pk, ck, unclamped, unclamped_k, lse, npos, anchors = ctx.saved_tensors
-        temperature, chunk_size, norm_eps, bwd_over = ctx.args
+        temperature, segmented, norm_eps, bwd_over = ctx.args
         if ctx.self_keys:
             xk, rk, yk, pk, ck = xq, rq, yq, pq, cq
         b, sq, h = xq.shape
@@ -380,7 +388,7 @@ class TritonSimReg(torch.autograd.Function):
                 sq, sk, h, r0, r1,
                 xq.stride(0), xq.stride(1), xk.stride(0), xk.stride(1), slab.stride(0), slab.stride(1),
                 inv_tau,
-                CHUNKED=chunk_size is not None,
+                CHUNKED=segmented,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["block_k"],
                 EVEN_H=h % cfg["block_k"] == 0, UPCAST=not xq.is_cuda, PREC=_precision(xq.dtype),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -394,7 +402,7 @@ class TritonSimReg(torch.autograd.Function):
                 _normalize_backward_(u_k, xk, rk, unclamped_k, rows)
         grad_q = u_q.to(xq.dtype)
         grad_k = None if ctx.self_keys else u_k.to(xk.dtype)
-        return grad_q, grad_k, *([None] * 11)
+        return grad_q, grad_k, *([None] * 13)
 
 
 def _normalize_backward_(u: torch.Tensor, x: torch.Tensor, r: torch.Tensor, unclamped: torch.Tensor, rows: int):
@@ -432,6 +440,8 @@ def triton_simreg(
     slab_rows: Optional[int] = None,
     num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
+    dq: Optional[torch.Tensor] = None,
+    dk: Optional[torch.Tensor] = None,
 ):
     """Fused SimReg; arguments and result as :func:`blockwise_simreg`.
 
@@ -454,14 +464,18 @@ def triton_simreg(
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError('impl="triton" needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, '
                              "for Triton's slow CPU interpreter); use impl=\"blockwise\" on CPU")
-    self_keys = zk is zq and yk is yq and vk is vq and pk is pq
+    self_keys = zk is zq and yk is yq and vk is vq and pk is pq and dk is dq
     fwd_over = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_splits=num_splits,
                     num_warps=num_warps, num_stages=num_stages)
     bwd_over = dict(block_m=block_m, block_n=block_n, block_k=block_k, slab_rows=slab_rows,
                     num_warps=num_warps, num_stages=num_stages)
 
-    def run(x, y, v, p, xk, yk, vk, pk, chunk):
-        return TritonSimReg.apply(x, xk, y, yk, v, vk, p, pk, temperature, chunk, norm_eps, fwd_over, bwd_over)
+    def run(x, y, v, p, d, xk, yk, vk, pk, dk_, chunk):
+        return TritonSimReg.apply(x, xk, y, yk, v, vk, p, pk, d, dk_, temperature, chunk, norm_eps, fwd_over,
+                                  bwd_over)
+
+    def rows(t, a, z, shape):  # a slice of a [b, s] tensor, reshaped; None stays None
+        return None if t is None else t[:, a:z].reshape(shape)
 
     b, s, h = zq.shape
     if contiguous and self_keys and chunk_size is not None and chunk_size < s and b * (s // chunk_size) <= 65535:
@@ -470,15 +484,17 @@ def triton_simreg(
         main = n * c
         pos = torch.arange(c, device=zq.device)
         per_token, anchors = run(zq[:, :main].reshape(b * n, c, h), yq[:, :main].reshape(b * n, c),
-                                 vq[:, :main].reshape(b * n, c), pos, None, None, None, None, None)
+                                 vq[:, :main].reshape(b * n, c), pos, rows(dq, 0, main, (b * n, c)),
+                                 None, None, None, None, None, None)
         per_token, anchors = per_token.reshape(b, main), anchors.reshape(b, main)
         if main < s:
             tail = torch.arange(s - main, device=zq.device)
-            pt, at = run(zq[:, main:], yq[:, main:], vq[:, main:], tail, None, None, None, None, None)
+            pt, at = run(zq[:, main:], yq[:, main:], vq[:, main:], tail, rows(dq, main, s, (b, s - main)),
+                         None, None, None, None, None, None)
             per_token, anchors = torch.cat([per_token, pt], 1), torch.cat([anchors, at], 1)
         return per_token, anchors
     if contiguous and chunk_size is not None and chunk_size >= s:
         chunk_size = None  # one chunk holds the whole sequence
     if self_keys:
-        return run(zq, yq, vq, pq, None, None, None, None, chunk_size)
-    return run(zq, yq, vq, pq, zk, yk, vk, pk, chunk_size)
+        return run(zq, yq, vq, pq, dq, None, None, None, None, None, chunk_size)
+    return run(zq, yq, vq, pq, dq, zk, yk, vk, pk, dk, chunk_size)

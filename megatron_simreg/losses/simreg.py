@@ -12,6 +12,8 @@ Symbols
                      ``M == 1`` (bool ``True``) and ``Y != ignore_index``.
 ``tau``              temperature (> 0).
 ``c``                optional ``chunk_size`` (SimReg-Chunk).
+``D`` ``[b, s]``     optional document of each position in a packed sequence
+                     (``scope="document"``, from :func:`document_ids`).
 
 Definition
 ----------
@@ -21,7 +23,8 @@ Definition
 For each valid anchor ``i`` of a sequence:
 
 * ``A(i)`` = valid ``j != i`` in the same sequence (and in the same chunk,
-  ``floor(i / c) == floor(j / c)``, when ``c`` is set);
+  ``floor(i / c) == floor(j / c)``, when ``c`` is set; and in the same
+  document, ``D_i == D_j``, with ``scope="document"``);
 * ``P(i) = {j in A(i) : y_j == y_i}``; only anchors with ``|P(i)| >= 1`` count;
 * ``l_i = -(1/|P(i)|) * sum_{p in P(i)} log( exp(z_i.z_p/tau) / sum_{a in A(i)} exp(z_i.z_a/tau) )``
   ``    = logsumexp_{a in A(i)}(z_i.z_a/tau) - mean_{p in P(i)}(z_i.z_p/tau)``.
@@ -51,7 +54,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import SIMREG_IMPLS, check_choice, check_chunk_size, check_temperature
+from ..config import SIMREG_IMPLS, check_choice, check_chunk_size, check_scope, check_temperature
 from .simreg_blockwise import blockwise_simreg, similarity_tile
 
 NORM_EPS = 1e-8
@@ -97,6 +100,25 @@ def valid_tokens(labels: torch.Tensor, loss_mask: Optional[torch.Tensor], ignore
     if loss_mask is not None:
         valid = valid & (loss_mask if loss_mask.dtype == torch.bool else loss_mask == 1)
     return valid
+
+
+def document_ids(labels: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """``[b, s]`` int64: the document of each position of a packed sequence, numbered from 0 in each row.
+
+    Megatron's convention (``--reset-position-ids``, ``--reset-attention-mask``):
+    a document runs through the position whose *input* is its EOD token, and
+    the next document starts one position later. The input at ``i`` is
+    ``labels[i - 1]``, so position ``i`` lies in document
+    ``#{j <= i - 2 : labels[j] == eod_id}``. Labels alone decide it because
+    the last pipeline stage, where SimReg runs, has no input tokens; so the one
+    case that differs from the reset masks is a sequence whose *first* input is
+    EOD: its position 0 counts in the first document, not in one of its own.
+    The ids are non-decreasing along the sequence.
+    """
+    ends = (labels == eod_id).to(torch.int64).cumsum(1)
+    docs = torch.zeros_like(ends)
+    docs[:, 2:] = ends[:, :-2]
+    return docs
 
 
 def check_inputs(
@@ -153,9 +175,9 @@ def check_inputs(
 def count_anchors(labels: torch.Tensor, valid: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """Number of SimReg anchors, from labels alone (no hidden states needed).
 
-    ``labels``/``valid`` ``[b, s]``; ``segments`` ``[s]``: positions may only
-    pair within one segment (all zeros for whole sequences, ``pos // c`` for
-    chunks). A valid token is an anchor iff another valid token of its row
+    ``labels``/``valid`` ``[b, s]``; ``segments`` ``[s]`` or ``[b, s]``
+    (values below 2**31): positions may only pair within one segment (all
+    zeros for whole sequences, ``pos // c`` for chunks). A valid token is an anchor iff another valid token of its row
     and segment has the same label. Callers use it to know a global batch's
     anchor count before any forward pass.
 
@@ -166,7 +188,7 @@ def count_anchors(labels: torch.Tensor, valid: torch.Tensor, segments: torch.Ten
     64 x 4096 labels).
     """
     b, s = labels.shape
-    key = (segments.to(labels.device, torch.int64)[None, :] << 32) | labels.to(torch.int64)
+    key = (segments.to(labels.device, torch.int64).expand(b, s) << 32) | labels.to(torch.int64)
     # invalid tokens get distinct negative keys: they never match, and are not counted
     key = torch.where(valid, key, -1 - torch.arange(s, device=labels.device)).sort(dim=1).values
     same = key[:, 1:] == key[:, :-1]
@@ -186,15 +208,18 @@ def naive_simreg(
     pk: torch.Tensor,
     temperature: float,
     chunk_size: Optional[int],
+    dq: Optional[torch.Tensor] = None,
+    dk: Optional[torch.Tensor] = None,
 ) -> SimRegTerms:
     """Reference implementation on normalized states; builds ``[b, sq, sk]``.
 
     ``zq`` ``[b, sq, h]`` anchors, ``zk`` ``[b, sk, h]`` keys (the same tensor
     in the single-process case), ``y*``/``v*`` ``[b, s*]`` labels and validity,
     ``p*`` ``[s*]`` positions in the sequence (self-exclusion and chunks are
-    decided by position, so sharded or zigzag layouts work unchanged).
+    decided by position, so sharded or zigzag layouts work unchanged),
+    ``d*`` ``[b, s*]`` optional document ids (pairs need equal ids).
     """
-    sim, allowed, positive = similarity_tile(zq, yq, vq, pq, zk, yk, vk, pk, temperature, chunk_size)
+    sim, allowed, positive = similarity_tile(zq, yq, vq, pq, zk, yk, vk, pk, temperature, chunk_size, dq, dk)
     num_pos = positive.sum(-1)
     anchors = num_pos > 0
     # Rows that are not anchors may have no allowed key at all; give them a
@@ -240,6 +265,8 @@ def simreg_per_token(
     keys: Optional[tuple] = None,
     q_positions: Optional[torch.Tensor] = None,
     k_positions: Optional[torch.Tensor] = None,
+    q_docs: Optional[torch.Tensor] = None,
+    k_docs: Optional[torch.Tensor] = None,
     norm_eps: Optional[float] = None,
 ) -> SimRegTerms:
     """Low-level entry: anchors against keys, without input checks.
@@ -249,12 +276,19 @@ def simreg_per_token(
     (e.g. the whole sequence gathered across ranks); by default the anchors
     are their own keys, which saves a gradient buffer. ``q_positions``/
     ``k_positions`` ``[s*]`` are the tokens' positions in the full sequence
-    (default ``arange``). ``norm_eps=None``: the states are normalized
+    (default ``arange``). ``q_docs``/``k_docs`` ``[b, s*]``: each token's
+    document (:func:`document_ids`); only tokens of one document pair (default:
+    the whole sequence is one; ``k_docs`` defaults to ``q_docs`` for self
+    keys). ``norm_eps=None``: the states are normalized
     already. ``norm_eps=eps``: they are raw hidden states, normalized as
     ``h / max(||h||, eps)`` by the implementation itself (Triton reads them
     in their own dtype, so bf16 states take bf16 tensor-core dots).
     """
     zk, yk, vk = keys if keys is not None else (zq, yq, vq)
+    if keys is None:
+        k_docs = q_docs
+    if (q_docs is None) != (k_docs is None):
+        raise ValueError("q_docs and k_docs must be given together")
     contiguous = keys is None and q_positions is None and k_positions is None
     if q_positions is None:
         q_positions = torch.arange(zq.shape[1], device=zq.device)
@@ -265,7 +299,7 @@ def simreg_per_token(
         if norm_eps is not None:
             zq = normalize(zq, norm_eps)
             zk = zq if keys is None else normalize(zk, norm_eps)
-        return naive_simreg(zq, yq, vq, q_positions, zk, yk, vk, k_positions, temperature, chunk_size)
+        return naive_simreg(zq, yq, vq, q_positions, zk, yk, vk, k_positions, temperature, chunk_size, q_docs, k_docs)
     if which == "triton":
         fn = load_triton_simreg()
     else:
@@ -273,7 +307,7 @@ def simreg_per_token(
         zq = zq.to(compute_dtype(zq.dtype))
         zk = zq if keys is None else zk.to(compute_dtype(zk.dtype))
     per_token, anchors = fn(zq, yq, vq, q_positions, zk, yk, vk, k_positions, temperature, chunk_size,
-                            contiguous=contiguous, norm_eps=norm_eps)
+                            contiguous=contiguous, norm_eps=norm_eps, dq=q_docs, dk=k_docs)
     return SimRegTerms(per_token, anchors)
 
 
@@ -288,6 +322,8 @@ def simreg_terms(
     impl: str = "auto",
     vocab_size: Optional[int] = None,
     debug: bool = False,
+    scope: str = "sequence",
+    eod_id: Optional[int] = None,
 ) -> SimRegTerms:
     """Per-token SimReg and the anchor mask; see the module docstring.
 
@@ -296,9 +332,11 @@ def simreg_terms(
     check_temperature(temperature)
     check_chunk_size(chunk_size)
     check_choice("impl", impl, SIMREG_IMPLS)
+    check_scope(scope, eod_id)
     check_inputs(hidden, labels, loss_mask, ignore_index=ignore_index, vocab_size=vocab_size, debug=debug)
+    docs = document_ids(labels, eod_id) if scope == "document" else None
     return simreg_per_token(hidden, labels, valid_tokens(labels, loss_mask, ignore_index), temperature=temperature,
-                            chunk_size=chunk_size, impl=impl, norm_eps=NORM_EPS)
+                            chunk_size=chunk_size, impl=impl, q_docs=docs, norm_eps=NORM_EPS)
 
 
 def simreg_loss(
@@ -313,6 +351,8 @@ def simreg_loss(
     impl: str = "auto",
     vocab_size: Optional[int] = None,
     debug: bool = False,
+    scope: str = "sequence",
+    eod_id: Optional[int] = None,
 ) -> torch.Tensor:
     """SimReg loss of ``hidden`` ``[b, s, h]`` with next-token ``labels`` ``[b, s]``.
 
@@ -328,6 +368,10 @@ def simreg_loss(
         vocab_size: when given, labels are checked against ``[0, vocab_size)``.
         debug: also run the value checks (label range, NaN/Inf) on GPU
             tensors, at the cost of a device sync.
+        scope: ``"sequence"`` pairs any two tokens of a sequence;
+            ``"document"`` only tokens of one document of a packed sequence,
+            split after each input EOD (:func:`document_ids`; needs ``eod_id``).
+        eod_id: the tokenizer's end-of-document id, for ``scope="document"``.
 
     Returns a scalar in the compute dtype (fp32, or float64 for float64
     input), or ``[b, s]`` for ``reduction="none"``.
@@ -335,7 +379,7 @@ def simreg_loss(
     check_choice("reduction", reduction, REDUCTIONS)
     terms = simreg_terms(
         hidden, labels, loss_mask, temperature=temperature, chunk_size=chunk_size,
-        ignore_index=ignore_index, impl=impl, vocab_size=vocab_size, debug=debug,
+        ignore_index=ignore_index, impl=impl, vocab_size=vocab_size, debug=debug, scope=scope, eod_id=eod_id,
     )
     if reduction == "none":
         return terms.per_token

@@ -35,15 +35,18 @@ def _key_range(q0: int, q1: int, num_keys: int, chunk_size: Optional[int], conti
     return (q0 // chunk_size) * chunk_size, min(num_keys, ((q1 - 1) // chunk_size + 1) * chunk_size)
 
 
-def similarity_tile(zq, yq, vq, pq, zk, yk, vk, pk, temperature, chunk_size):
+def similarity_tile(zq, yq, vq, pq, zk, yk, vk, pk, temperature, chunk_size, dq=None, dk=None):
     """Similarities ``[b, bq, bk]`` and the allowed / positive masks of one tile.
 
+    ``dq``/``dk`` ``[b, bq]``/``[b, bk]``: optional document ids; a pair needs equal ids.
     The naive reference calls it once with the whole sequence as the tile.
     """
     sim = (zq / temperature) @ zk.transpose(-1, -2)
     allowed = vq[:, :, None] & vk[:, None, :] & (pq[:, None] != pk[None, :])
     if chunk_size is not None:
         allowed = allowed & (pq[:, None] // chunk_size == pk[None, :] // chunk_size)
+    if dq is not None:
+        allowed = allowed & (dq[:, :, None] == dk[:, None, :])
     positive = allowed & (yq[:, :, None] == yk[:, None, :])
     return sim, allowed, positive
 
@@ -52,7 +55,8 @@ class BlockwiseSimReg(torch.autograd.Function):
     """Inputs as :func:`blockwise_simreg`; returns ``(per_token [b, sq], anchors [b, sq])``."""
 
     @staticmethod
-    def forward(ctx, zq, zk, yq, yk, vq, vk, pq, pk, temperature, chunk_size, contiguous, block_size, norm_eps):
+    def forward(ctx, zq, zk, yq, yk, vq, vk, pq, pk, dq, dk, temperature, chunk_size, contiguous, block_size,
+                norm_eps):
         # zk=None: the anchors are their own keys; one gradient buffer then
         # serves both roles instead of two that autograd would add up.
         ctx.self_keys = zk is None
@@ -66,7 +70,7 @@ class BlockwiseSimReg(torch.autograd.Function):
                 norms_k = zk.norm(dim=-1, keepdim=True).clamp_min(norm_eps)
                 zk = zk / norms_k
         if zk is None:
-            zk, yk, vk, pk = zq, yq, vq, pq
+            zk, yk, vk, pk, dk = zq, yq, vq, pq, dq
         b, sq, _ = zq.shape
         lse = zq.new_zeros(b, sq)
         pos_sum = zq.new_zeros(b, sq)
@@ -77,6 +81,7 @@ class BlockwiseSimReg(torch.autograd.Function):
             sim, allowed, positive = similarity_tile(
                 zq[:, q0:q1], yq[:, q0:q1], vq[:, q0:q1], pq[q0:q1],
                 zk[:, k0:k1], yk[:, k0:k1], vk[:, k0:k1], pk[k0:k1], temperature, chunk_size,
+                *_doc_tiles(dq, dk, q0, q1, k0, k1),
             )
             pos_sum[:, q0:q1] = torch.where(positive, sim, 0.0).sum(-1)
             lse[:, q0:q1] = torch.logsumexp(sim.masked_fill_(~allowed, float("-inf")), dim=-1)
@@ -86,14 +91,14 @@ class BlockwiseSimReg(torch.autograd.Function):
         # backward's exp(sim - lse) stays finite.
         lse = torch.where(anchors, lse, 0.0)
         per_token = torch.where(anchors, lse - pos_sum / num_pos.clamp_min(1), 0.0)
-        ctx.save_for_backward(zq, zk, yq, yk, vq, vk, pq, pk, lse, num_pos, anchors, norms_q, norms_k)
+        ctx.save_for_backward(zq, zk, yq, yk, vq, vk, pq, pk, dq, dk, lse, num_pos, anchors, norms_q, norms_k)
         ctx.args = (temperature, chunk_size, contiguous, block_size, norm_eps)
         ctx.mark_non_differentiable(anchors)
         return per_token, anchors
 
     @staticmethod
     def backward(ctx, grad_per_token, _grad_anchors):
-        zq, zk, yq, yk, vq, vk, pq, pk, lse, num_pos, anchors, norms_q, norms_k = ctx.saved_tensors
+        zq, zk, yq, yk, vq, vk, pq, pk, dq, dk, lse, num_pos, anchors, norms_q, norms_k = ctx.saved_tensors
         temperature, chunk_size, contiguous, block_size, norm_eps = ctx.args
         # Rows that are not anchors contribute nothing (their l_i is a constant 0).
         row_weight = torch.where(anchors, grad_per_token, 0.0) / temperature
@@ -107,6 +112,7 @@ class BlockwiseSimReg(torch.autograd.Function):
             sim, allowed, positive = similarity_tile(
                 zq[:, q0:q1], yq[:, q0:q1], vq[:, q0:q1], pq[q0:q1],
                 zk[:, k0:k1], yk[:, k0:k1], vk[:, k0:k1], pk[k0:k1], temperature, chunk_size,
+                *_doc_tiles(dq, dk, q0, q1, k0, k1),
             )
             # In place on the tile: each extra [b, block, keys] float temporary
             # costs as much memory as the tile itself.
@@ -119,7 +125,12 @@ class BlockwiseSimReg(torch.autograd.Function):
             _normalize_backward_(grad_q, zq, norms_q, norm_eps)
             if not ctx.self_keys:
                 _normalize_backward_(grad_k, zk, norms_k, norm_eps)
-        return grad_q, None if ctx.self_keys else grad_k, *([None] * 11)
+        return grad_q, None if ctx.self_keys else grad_k, *([None] * 13)
+
+
+def _doc_tiles(dq, dk, q0, q1, k0, k1):
+    """The document ids of one tile's anchors and keys, or ``(None, None)`` without documents."""
+    return (None, None) if dq is None else (dq[:, q0:q1], dk[:, k0:k1])
 
 
 def _normalize_backward_(grad: torch.Tensor, z: torch.Tensor, norms: torch.Tensor, eps: float) -> None:
@@ -144,6 +155,8 @@ def blockwise_simreg(
     contiguous: bool = False,
     block_size: Optional[int] = None,
     norm_eps: Optional[float] = None,
+    dq: Optional[torch.Tensor] = None,
+    dk: Optional[torch.Tensor] = None,
 ):
     """Blockwise SimReg on normalized states (or raw ones with ``norm_eps``).
 
@@ -154,12 +167,13 @@ def blockwise_simreg(
     ``block_size`` defaults to ``DEFAULT_BLOCK_SIZE``, read at call time.
     ``norm_eps``: when set, ``zq`` and ``zk`` hold raw states that are
     normalized inside as ``h / max(||h||, norm_eps)``, saving O(s * h) memory.
+    ``dq``/``dk`` ``[b, s*]``: optional document ids (a pair needs equal ids).
     Returns ``(per_token [b, sq], anchors [b, sq])``.
     """
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
-    if zk is zq and yk is yq and vk is vq and pk is pq:
+    if zk is zq and yk is yq and vk is vq and pk is pq and dk is dq:
         zk = None
-    return BlockwiseSimReg.apply(zq, zk, yq, yk, vq, vk, pq, pk, temperature, chunk_size, contiguous, block_size,
-                                 norm_eps)
+    return BlockwiseSimReg.apply(zq, zk, yq, yk, vq, vk, pq, pk, dq, dk, temperature, chunk_size, contiguous,
+                                 block_size, norm_eps)

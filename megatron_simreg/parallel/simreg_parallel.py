@@ -26,6 +26,11 @@ Modes (``SimRegConfig.mode``):
   objective*: it is SimReg-Chunk with the shard as the chunk (intersected
   with ``chunk_size`` when set), so pairs across shards are neither pulled
   nor pushed, and the value depends on the TP/CP layout.
+
+Document scope (``SimRegConfig.scope="document"``) needs each token's
+document, a prefix count of EOD labels over the *whole* sequence: under CP the
+labels are all-gathered (integers, no gradient) and put back in position order
+first, so a document that spans shards keeps one id on every rank.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import SimRegConfig
-from ..losses.simreg import NORM_EPS, SimRegTerms, count_anchors, simreg_per_token, valid_tokens
+from ..losses.simreg import NORM_EPS, SimRegTerms, count_anchors, document_ids, simreg_per_token, valid_tokens
 
 
 def zigzag_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -116,6 +121,19 @@ def _shard_runs(local: slice, s_cp: int, cp: int) -> List[slice]:
     return runs
 
 
+def _layout_documents(labels: torch.Tensor, cp_pos: torch.Tensor, config: SimRegConfig, layout: ShardLayout):
+    """Document ids ``[b, s / cp]`` of this CP rank's tokens (in its zigzag order), or None for sequence scope."""
+    if config.scope != "document":
+        return None
+    if layout.cp == 1:
+        return document_ids(labels, config.eod_id)
+    every_label = _all_gather_seq(labels, layout.cp_group, dim=1)
+    every_pos = _all_gather_seq(cp_pos, layout.cp_group, dim=0)
+    in_order = torch.empty_like(every_label)
+    in_order[:, every_pos] = every_label
+    return document_ids(in_order, config.eod_id)[:, cp_pos]
+
+
 def parallel_simreg_terms(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -147,23 +165,26 @@ def parallel_simreg_terms(
             f"of labels {tuple(labels.shape)} (tp={layout.tp}, cp={layout.cp}, sequence_parallel={layout.sequence_parallel})"
         )
     valid = valid_tokens(labels, loss_mask, ignore_index)
+    docs = _layout_documents(labels, cp_pos, config, layout)
+    dq = None if docs is None else docs[:, local]
     # Raw states: each implementation normalizes them itself (Triton in their own dtype: bf16 dots for bf16 models).
     xq, yq, vq, pq = hidden.transpose(0, 1), labels[:, local], valid[:, local], cp_pos[local]
     kw = dict(temperature=config.temperature, chunk_size=config.chunk_size, impl=config.impl, norm_eps=NORM_EPS)
 
     if config.mode == "shard_local":
         runs = _shard_runs(local, s_cp, layout.cp)
-        parts = [simreg_per_token(xq[:, r], yq[:, r], vq[:, r], q_positions=pq[r], **kw) for r in runs]
+        parts = [simreg_per_token(xq[:, r], yq[:, r], vq[:, r], q_positions=pq[r],
+                                  q_docs=None if dq is None else dq[:, r], **kw) for r in runs]
         return SimRegTerms(torch.cat([p.per_token for p in parts], 1), torch.cat([p.anchors for p in parts], 1))
 
     sp_split = layout.sequence_parallel and layout.tp > 1
     if not sp_split and layout.cp == 1:
         # This rank holds the whole sequence in order: the anchors are their own keys.
-        return simreg_per_token(xq, yq, vq, **kw)
+        return simreg_per_token(xq, yq, vq, q_docs=dq, **kw)
 
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-    xk, yk, vk, pk = hidden, labels, valid, cp_pos
+    xk, yk, vk, pk, dk = hidden, labels, valid, cp_pos, docs
     if sp_split:
         # backward = reduce-scatter: each key gets the sum over all ranks' anchors
         xk = gather_from_sequence_parallel_region(xk, tensor_parallel_output_grad=True, group=layout.tp_group)
@@ -172,7 +193,9 @@ def parallel_simreg_terms(
         yk = _all_gather_seq(yk, layout.cp_group, dim=1)
         vk = _all_gather_seq(vk, layout.cp_group, dim=1)
         pk = _all_gather_seq(pk, layout.cp_group, dim=0)
-    return simreg_per_token(xq, yq, vq, keys=(xk.transpose(0, 1), yk, vk), q_positions=pq, k_positions=pk, **kw)
+        dk = None if dk is None else _all_gather_seq(dk, layout.cp_group, dim=1)
+    return simreg_per_token(xq, yq, vq, keys=(xk.transpose(0, 1), yk, vk), q_positions=pq, k_positions=pk,
+                            q_docs=dq, k_docs=dk, **kw)
 
 
 def pairing_segments(seq_len: int, config: SimRegConfig, tp: int = 1, cp: int = 1, sequence_parallel: bool = False):
@@ -211,8 +234,20 @@ def count_step_anchors(labels, loss_masks=None, config: Optional[SimRegConfig] =
     total = 0
     for y, m in zip(labels, masks):
         seg = _device_segments(y.shape[1], config.chunk_size, config.mode, tp, cp, sequence_parallel, y.device)
+        if config.scope == "document":
+            seg = _runs(seg, document_ids(y, config.eod_id))
         total = total + count_anchors(y, valid_tokens(y, m, ignore_index), seg)
     return total
+
+
+def _runs(segments: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """``[b, s]``: a new id wherever the segment ``[s]`` or the document ``[b, s]`` changes along the row.
+
+    Equal ids then mean the same segment *and* document, because every segment
+    (chunk, shard) and every document is one run of consecutive positions.
+    """
+    change = (segments[1:] != segments[:-1])[None, :] | (docs[:, 1:] != docs[:, :-1])
+    return torch.cat([torch.zeros_like(docs[:, :1]), change.to(torch.int64).cumsum(1)], 1)
 
 
 @functools.lru_cache(maxsize=32)
