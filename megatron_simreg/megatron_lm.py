@@ -38,6 +38,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .config import JREG_METRICS, JREG_WEIGHTINGS, SIMREG_MODES, SIMREG_NORMALIZATIONS, SIMREG_REPRESENTATIONS
+from .config import SIMREG_SCOPES
 from .config import JRegConfig, SimRegConfig
 
 MARKER = "_megatron_simreg_installed"
@@ -58,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--simreg-normalization", default="global_batch", choices=SIMREG_NORMALIZATIONS,
                    help="global_batch: the anchor-weighted mean over the global batch (exact); micro_batch: the "
                         "mean of per-micro-batch means, like the MoE aux loss")
+    g.add_argument("--simreg-scope", default="sequence", choices=SIMREG_SCOPES,
+                   help="which tokens may pair: any two of a training sequence, or (document) only two of the same "
+                        "document of a packed sequence, documents ending after each EOD input token (the "
+                        "tokenizer's eod)")
     g.add_argument("--jreg-weight", type=float, default=0.0, help="JREG's alpha; 0 disables JREG")
     g.add_argument("--jreg-weighting", default="final", choices=JREG_WEIGHTINGS)
     g.add_argument("--jreg-power", type=float, default=1.0, help="p of the layer_weighted weighting")
@@ -83,7 +88,8 @@ def configs_from_args(args) -> Tuple[Optional[SimRegConfig], Optional[JRegConfig
     try:
         simreg = (SimRegConfig(weight=args.simreg_weight, temperature=args.simreg_temperature,
                                chunk_size=args.simreg_chunk_size, mode=args.simreg_mode,
-                               representation=args.simreg_representation, normalization=args.simreg_normalization)
+                               representation=args.simreg_representation, normalization=args.simreg_normalization,
+                               scope=args.simreg_scope, eod_id=_eod_id() if args.simreg_scope == "document" else None)
                   if args.simreg_weight != 0 else None)
         jreg = (JRegConfig(weight=args.jreg_weight, weighting=args.jreg_weighting, power=args.jreg_power,
                            metric=args.jreg_metric) if args.jreg_weight != 0 else None)
@@ -94,6 +100,13 @@ def configs_from_args(args) -> Tuple[Optional[SimRegConfig], Optional[JRegConfig
     except ValueError as e:  # the config's message names the field; say which flag sets it
         raise ValueError(f"megatron-simreg flags (--simreg-* / --jreg-*): {e}") from None
     return simreg, jreg
+
+
+def _eod_id() -> int:
+    """Megatron-LM's tokenizer's end-of-document id: the id its GPT dataset appends to every document."""
+    from megatron.training import get_tokenizer
+
+    return int(get_tokenizer().eod)
 
 
 def check_supported(args) -> None:

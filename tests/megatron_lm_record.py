@@ -15,7 +15,8 @@ step's micro-batches (read ahead, not consumed), it runs the *unpatched* ``GPTMo
 
 where ``LM_k`` sums the per-token LM loss over valid tokens, ``S_k`` sums SimReg's ``l_i`` (the naive
 ``[b, s, s]`` implementation, ``losses.simreg.simreg_terms(impl="naive")``) over the anchors of micro-batch ``k``,
-``A`` counts the step's anchors, and ``J_k`` sums over valid tokens and layers ``w_l`` times the angular distance
+``A`` counts the step's anchors (with ``--simreg-scope document``, ``S_k`` and ``A`` are sums over each document
+of the sequence alone, its positions found by walking the labels by hand: ``test_simreg_documents.py``), and ``J_k`` sums over valid tokens and layers ``w_l`` times the angular distance
 between layer ``l``'s input and output, arccos(cos)/pi, written out here with the weights ``w_l`` of
 ``--jreg-weighting`` (``final``: the last layer; ``layer_weighted``: ``(l/L)^p`` normalized to sum 1). MoE's aux loss and MTP's loss come
 from the unpatched model, with the backward scale Megatron's schedule gives them. The gradient lands in the DDP
@@ -30,6 +31,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from test_simreg_documents import per_document_slices  # imported while this file's directory is on sys.path
 
 RECORD_ENV, CHECK_ENV = "SIMREG_MLM_RECORD", "SIMREG_MLM_HAND_CHECK"
 _CHECKED = {}  # iteration -> the hand check's numbers
@@ -122,6 +124,7 @@ def _hand_step(model, batches, args) -> dict:
     lam, alpha = args.simreg_weight, args.jreg_weight
     assert args.jreg_metric == "angular"
     assert args.simreg_normalization == "global_batch" and args.simreg_chunk_size is None
+    documents = _documents(args)
     aux_scale = torch.ones(1) if per_token else torch.ones(1) / m  # as schedules.forward_step_calc_loss sets them
     MoEAuxLossAutoScaler.set_loss_scale(aux_scale)
     MTPLossAutoScaler.set_loss_scale(aux_scale)
@@ -142,7 +145,7 @@ def _hand_step(model, batches, args) -> dict:
         weights = [w / sum(raw) for w in raw]
     masks = [b["loss_mask"].float() for b in batches]
     n_step = sum(float(mk.sum()) for mk in masks)
-    anchors = sum(_anchors(b["labels"], mask) for b, mask in zip(batches, masks))
+    anchors = sum(_anchors(b["labels"], mask, documents(b["labels"])) for b, mask in zip(batches, masks))
     chunk.zero_grad_buffer()
     for p in chunk.parameters():  # the optimizer left .grad aliasing main_grad: DDP's hook would add it twice
         p.grad = None
@@ -154,9 +157,13 @@ def _hand_step(model, batches, args) -> dict:
                           loss_mask=b["loss_mask"])
             lm = (out.float() * mask).sum()
             n_k = mask.sum()
-            terms = simreg_terms(captured["final"].transpose(0, 1), b["labels"], b["loss_mask"],
-                                 temperature=args.simreg_temperature, chunk_size=args.simreg_chunk_size, impl="naive")
-            s = terms.per_token.sum()
+            final, s, a_k = captured["final"].transpose(0, 1), 0.0, 0.0  # [b, s, h]
+            for row, slices in enumerate(documents(b["labels"])):
+                for sl in slices:
+                    terms = simreg_terms(final[row:row + 1, sl], b["labels"][row:row + 1, sl],
+                                         b["loss_mask"][row:row + 1, sl], temperature=args.simreg_temperature,
+                                         impl="naive")
+                    s, a_k = s + terms.per_token.sum(), a_k + float(terms.anchors.sum())
             j = 0.0
             for n, w in enumerate(weights):
                 cos = F.cosine_similarity(captured[("in", n)].float(), captured[("out", n)].float(), dim=-1)  # [s, b]
@@ -167,7 +174,7 @@ def _hand_step(model, batches, args) -> dict:
                 objective = (lm + alpha * j) / (n_k * m) + lam * s / max(anchors, 1)
             objective.backward()
             lm_sums.append(float(lm.detach()))
-            s_means.append(float(s.detach()) / max(float(terms.anchors.sum()), 1))
+            s_means.append(float(s.detach()) / max(a_k, 1))
             j_means.append(float(j.detach()) / float(n_k))
     finally:
         gpt.config.recompute_granularity = recompute
@@ -178,12 +185,26 @@ def _hand_step(model, batches, args) -> dict:
             "hand_simreg_loss": sum(s_means) / m, "hand_jreg_loss": sum(j_means) / m}
 
 
-def _anchors(labels: torch.Tensor, mask: torch.Tensor) -> float:
-    """Valid positions with another valid position of the same label in their sequence."""
-    valid = mask == 1
-    eye = torch.eye(labels.shape[1], dtype=torch.bool)
-    pairs = (labels[:, :, None] == labels[:, None, :]) & valid[:, :, None] & valid[:, None, :] & ~eye
-    return float((pairs.any(-1) & valid).sum())
+def _documents(args):
+    """``labels [b, s] -> per row, the slices SimReg pairs within``: the whole row, or each document."""
+    if args.simreg_scope == "sequence":
+        return lambda labels: [[slice(0, labels.shape[1])]] * labels.shape[0]
+    from megatron.training import get_tokenizer
+
+    eod = get_tokenizer().eod
+    return lambda labels: per_document_slices(labels, eod)
+
+
+def _anchors(labels: torch.Tensor, mask: torch.Tensor, slices) -> float:
+    """Valid positions with another valid position of the same label in their sequence (or document slice)."""
+    total = 0.0
+    for row, row_slices in enumerate(slices):
+        for sl in row_slices:
+            y, valid = labels[row, sl], mask[row, sl] == 1
+            eye = torch.eye(y.shape[0], dtype=torch.bool)
+            pairs = (y[:, None] == y[None, :]) & valid[:, None] & valid[None, :] & ~eye
+            total += float((pairs.any(-1) & valid).sum())
+    return total
 
 
 if __name__ == "__main__":

@@ -94,28 +94,33 @@ def test_document_flags_are_checked_on_resume():
     from megatron_simreg.training.resume_checks import check_data, data_settings
 
     base = dict(seed=1, data_path=None, split="969,30,1", tokenizer_type="SentencePieceTokenizer",
-                simreg_weight=0.0, simreg_temperature=0.1, jreg_weight=0.0, mock_data=False, eod_mask_loss=False,
-                reset_position_ids=False, reset_attention_mask=False)
+                simreg_weight=0.0, simreg_temperature=0.1, simreg_scope="sequence", jreg_weight=0.0, mock_data=False,
+                eod_mask_loss=False, reset_position_ids=False, reset_attention_mask=False)
     saved = data_settings(SimpleNamespace(**base), 8, None)
-    old = {k: v for k, v in saved.items()
-           if k not in ("mock_data", "eod_mask_loss", "reset_position_ids", "reset_attention_mask")}
+    old = {k: v for k, v in saved.items() if k not in ("mock_data", "eod_mask_loss", "reset_position_ids",
+                                                       "reset_attention_mask", "simreg_scope")}
     now = data_settings(SimpleNamespace(**{**base, "eod_mask_loss": True}), 8, None)
     check_data(old, saved, [], "here")  # a checkpoint from before the flags were recorded had them off
     with pytest.raises(ValueError, match="--eod-mask-loss: checkpoint=False run=True"):
         check_data(old, now, [], "here")
     check_data(saved, now, ["eod-mask-loss"], "here", log=lambda *a: None)
+    document = data_settings(SimpleNamespace(**{**base, "simreg_scope": "document"}), 8, None)
+    with pytest.raises(ValueError, match="--simreg-scope: checkpoint='sequence' run='document'"):
+        check_data(old, document, [], "here")
 
 
 def test_one_run_with_mock_data_the_document_flags_and_wandb_offline(tmp_path, cache):
     """The plumbing, end to end in one run: --mock-data (megatron-core's MockGPTDataset), the three document flags
-    recorded in the checkpoint, and wandb offline (no network) given the scalars metrics.jsonl holds."""
+    and --simreg-scope document recorded in the checkpoint, and wandb offline (no network) given the scalars
+    metrics.jsonl holds."""
     save, record = str(tmp_path / "run"), tmp_path / "wandb.jsonl"
-    train("--train-iters", "2", "--save", save, "--simreg-weight", "0.1", "--jreg-weight", "1.0", "--mock-data",
-          *FLAGS, "--wandb-project", "proj", "--wandb-exp-name", "exp", cache=cache, shim="record_wandb.py",
+    train("--train-iters", "2", "--save", save, "--simreg-weight", "0.1", "--simreg-scope", "document",
+          "--jreg-weight", "1.0", "--mock-data", *FLAGS, "--wandb-project", "proj", "--wandb-exp-name", "exp", cache=cache, shim="record_wandb.py",
           env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "SIMREG_WANDB_RECORD": str(record)})
     want = metrics(save)
     data = json.load(open(os.path.join(save, "iter_0000002", "meta.json")))["data"]
     assert data["mock_data"] is True and all(data[f[2:].replace("-", "_")] is True for f in FLAGS)
+    assert data["simreg_scope"] == "document"
     logged = [json.loads(line) for line in record.read_text().splitlines()]
     assert [r["step"] for r in logged] == [r["iteration"] for r in want] == [1, 2]
     for got, ref in zip(logged, want):

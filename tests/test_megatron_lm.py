@@ -192,6 +192,18 @@ def test_parallel_layouts_match_one_process(single, corpus, tmp_path, flags):
     assert_same(records[1], got[0], LAYOUT_TOL)
 
 
+def test_document_scope_trains_the_hand_written_objective_and_matches_across_dp(corpus, tmp_path):
+    """--simreg-scope document: one process against the per-document objective written out by hand, then DP2 with
+    the distributed optimizer (the anchor count per document, summed over DP) from its iteration-1 checkpoint."""
+    flags = [*REG, "--simreg-scope", "document", "--train-iters", "2"]
+    one = run(tmp_path / "one", corpus, *flags, "--save", str(tmp_path / "ckpt"), "--save-interval", "1",
+              hand_check=True)
+    assert_hand_check(one)
+    dp2 = run(tmp_path / "dp2", corpus, *flags, "--use-distributed-optimizer", "--load", str(tmp_path / "ckpt"),
+              "--ckpt-step", "1", "--no-load-optim", "--no-load-rng", "--exit-on-missing-checkpoint", nproc=2)
+    assert_same(one[1], dp2[0], LAYOUT_TOL)
+
+
 def test_a_resume_through_megatron_lm_checkpointing_continues_bitwise(single, corpus, tmp_path):
     out, records = single
     got = run(tmp_path, corpus, *REG, "--train-iters", "3", "--load", str(out / "ckpt"), "--ckpt-step", "2",

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import yaml
 
-from ..config import JREG_WEIGHTINGS, SIMREG_MODES
+from ..config import JREG_WEIGHTINGS, SIMREG_MODES, SIMREG_SCOPES
 from ..data.tokenizer import SENTENCEPIECE, TOKENIZER_TYPES
 from .resume_checks import RESUMABLE_CHANGES
 
@@ -175,6 +175,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--simreg-chunk-size", type=int, default=None)
     g.add_argument("--simreg-mode", default="exact", choices=SIMREG_MODES)
     g.add_argument("--simreg-representation", default="post_norm", choices=["post_norm", "pre_norm"])
+    g.add_argument("--simreg-scope", default="sequence", choices=SIMREG_SCOPES,
+                   help="which tokens may pair: any two of a training sequence, or (document) only two of the same "
+                        "document of a packed sequence, documents ending after each EOD input token")
     g.add_argument("--jreg-weight", type=float, default=0.0, help="alpha; 0 disables JREG")
     g.add_argument("--jreg-weighting", default="final", choices=JREG_WEIGHTINGS)
 

@@ -25,13 +25,13 @@ from ..data.tokenizer import tokenizer_sha256
 RESUMABLE_CHANGES = {
     "global-batch-size": "global_batch_size", "seed": "seed", "data-path": "data_path", "split": "split",
     "tokenizer-model": "tokenizer_sha256", "tokenizer-type": "tokenizer_type", "simreg-weight": "simreg_weight",
-    "simreg-temperature": "simreg_temperature", "jreg-weight": "jreg_weight",
+    "simreg-temperature": "simreg_temperature", "simreg-scope": "simreg_scope", "jreg-weight": "jreg_weight",
     "mock-data": "mock_data", "eod-mask-loss": "eod_mask_loss", "reset-position-ids": "reset_position_ids",
     "reset-attention-mask": "reset_attention_mask",
 }
 # what a checkpoint written before a key was recorded means by its absence
-OLD_DEFAULTS = {"tokenizer_type": "SentencePieceTokenizer", "mock_data": False, "eod_mask_loss": False,
-                "reset_position_ids": False, "reset_attention_mask": False}
+OLD_DEFAULTS = {"tokenizer_type": "SentencePieceTokenizer", "simreg_scope": "sequence", "mock_data": False,
+                "eod_mask_loss": False, "reset_position_ids": False, "reset_attention_mask": False}
 # this run's flag -> the scheduler setting it feeds (training/backends.py _scheduler)
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "train_iters", "weight_decay")
 
@@ -45,7 +45,7 @@ def data_settings(args, global_batch_size: int, tokenizer_model: Optional[str],
     return {"global_batch_size": global_batch_size, "seed": args.seed, "data_path": args.data_path,
             "split": args.split, "tokenizer_sha256": tokenizer_sha256(tokenizer_model), "tokenizer_type": tokenizer_type,
             "simreg_weight": args.simreg_weight, "simreg_temperature": args.simreg_temperature,
-            "jreg_weight": args.jreg_weight, "mock_data": args.mock_data, "eod_mask_loss": args.eod_mask_loss,
+            "simreg_scope": args.simreg_scope, "jreg_weight": args.jreg_weight, "mock_data": args.mock_data, "eod_mask_loss": args.eod_mask_loss,
             "reset_position_ids": args.reset_position_ids, "reset_attention_mask": args.reset_attention_mask}
 
 

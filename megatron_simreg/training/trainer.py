@@ -127,7 +127,9 @@ def _train(args) -> dict:
     init_params_by_global_name(model, seed=args.seed, std=config.init_method_std, num_layers=args.num_layers)
     simreg = (SimRegConfig(weight=args.simreg_weight, temperature=args.simreg_temperature,
                            chunk_size=args.simreg_chunk_size, mode=args.simreg_mode,
-                           representation=args.simreg_representation) if args.simreg_weight > 0 else None)
+                           representation=args.simreg_representation, scope=args.simreg_scope,
+                           eod_id=tokenizer.eod if args.simreg_scope == "document" else None)
+              if args.simreg_weight > 0 else None)
     jreg = JRegConfig(weight=args.jreg_weight, weighting=args.jreg_weighting) if args.jreg_weight > 0 else None
     if simreg or jreg:
         apply_to_megatron(simreg=simreg, jreg=jreg)
