@@ -470,8 +470,9 @@ def triton_simreg(
     bwd_over = dict(block_m=block_m, block_n=block_n, block_k=block_k, slab_rows=slab_rows,
                     num_warps=num_warps, num_stages=num_stages)
 
-    def run(x, y, v, p, d, xk, yk, vk, pk, dk_, chunk):
-        return TritonSimReg.apply(x, xk, y, yk, v, vk, p, pk, d, dk_, temperature, chunk, norm_eps, fwd_over,
+    def run(x, y, v, p, d, chunk, keys=(None,) * 5):  # keys: (x, y, v, p, d) of separate keys
+        xk_, yk_, vk_, pk_, dk_ = keys
+        return TritonSimReg.apply(x, xk_, y, yk_, v, vk_, p, pk_, d, dk_, temperature, chunk, norm_eps, fwd_over,
                                   bwd_over)
 
     def rows(t, a, z, shape):  # a slice of a [b, s] tensor, reshaped; None stays None
@@ -484,17 +485,15 @@ def triton_simreg(
         main = n * c
         pos = torch.arange(c, device=zq.device)
         per_token, anchors = run(zq[:, :main].reshape(b * n, c, h), yq[:, :main].reshape(b * n, c),
-                                 vq[:, :main].reshape(b * n, c), pos, rows(dq, 0, main, (b * n, c)),
-                                 None, None, None, None, None, None)
+                                 vq[:, :main].reshape(b * n, c), pos, rows(dq, 0, main, (b * n, c)), None)
         per_token, anchors = per_token.reshape(b, main), anchors.reshape(b, main)
         if main < s:
             tail = torch.arange(s - main, device=zq.device)
-            pt, at = run(zq[:, main:], yq[:, main:], vq[:, main:], tail, rows(dq, main, s, (b, s - main)),
-                         None, None, None, None, None, None)
+            pt, at = run(zq[:, main:], yq[:, main:], vq[:, main:], tail, rows(dq, main, s, (b, s - main)), None)
             per_token, anchors = torch.cat([per_token, pt], 1), torch.cat([anchors, at], 1)
         return per_token, anchors
     if contiguous and chunk_size is not None and chunk_size >= s:
         chunk_size = None  # one chunk holds the whole sequence
     if self_keys:
-        return run(zq, yq, vq, pq, dq, None, None, None, None, None, chunk_size)
-    return run(zq, yq, vq, pq, dq, zk, yk, vk, pk, dk, chunk_size)
+        return run(zq, yq, vq, pq, dq, chunk_size)
+    return run(zq, yq, vq, pq, dq, chunk_size, keys=(zk, yk, vk, pk, dk))

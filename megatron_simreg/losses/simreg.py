@@ -177,9 +177,10 @@ def count_anchors(labels: torch.Tensor, valid: torch.Tensor, segments: torch.Ten
 
     ``labels``/``valid`` ``[b, s]``; ``segments`` ``[s]`` or ``[b, s]``
     (values below 2**31): positions may only pair within one segment (all
-    zeros for whole sequences, ``pos // c`` for chunks). A valid token is an anchor iff another valid token of its row
-    and segment has the same label. Callers use it to know a global batch's
-    anchor count before any forward pass.
+    zeros for whole sequences, ``pos // c`` for chunks). A valid token is an
+    anchor iff another valid token of its row and segment has the same label.
+    Callers use it to know a global batch's anchor count before any forward
+    pass.
 
     Returns a 0-dim int64 tensor on the labels' device. It sorts one int64
     key per token, ``segment << 32 | label``, and counts tokens whose sorted
@@ -278,8 +279,7 @@ def simreg_per_token(
     ``k_positions`` ``[s*]`` are the tokens' positions in the full sequence
     (default ``arange``). ``q_docs``/``k_docs`` ``[b, s*]``: each token's
     document (:func:`document_ids`); only tokens of one document pair (default:
-    the whole sequence is one; ``k_docs`` defaults to ``q_docs`` for self
-    keys). ``norm_eps=None``: the states are normalized
+    the whole sequence is one; self keys use ``q_docs``). ``norm_eps=None``: the states are normalized
     already. ``norm_eps=eps``: they are raw hidden states, normalized as
     ``h / max(||h||, eps)`` by the implementation itself (Triton reads them
     in their own dtype, so bf16 states take bf16 tensor-core dots).
