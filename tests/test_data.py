@@ -186,7 +186,8 @@ def test_default_corpus_cache_hit_and_miss(tmp_path, monkeypatch):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix, model = prepare_default_corpus(str(tmp_path), vocab_size=400, max_bytes=80_000)
-    assert IndexedDataset(prefix).sequence_lengths.sum() > 10_000
+    dataset = IndexedDataset(prefix)  # kept referenced: sequence_lengths views the mmap it closes when freed
+    assert dataset.sequence_lengths.sum() > 10_000
     assert Tokenizer(model).vocab_size == 400
     stamp = os.stat(prefix + ".bin").st_mtime_ns
 
