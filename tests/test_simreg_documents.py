@@ -157,29 +157,3 @@ def test_bad_scope_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ms.SimRegConfig(**kwargs)
 
-
-def _docs_tool():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "docs_per_sequence.py"
-    spec = importlib.util.spec_from_file_location("docs_per_sequence", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_docs_per_sequence_tool_counts_by_hand():
-    """The numbers docs/results.md quotes for the comparison's sequence length, on a stream small enough to count."""
-    import numpy as np
-
-    tool = _docs_tool()
-    # documents of 3, 5 and 2 tokens (EOD included) in windows of 4: [0, 4) holds 2 documents, [4, 8) one
-    assert tool.docs_per_window([3, 5, 2], 4) == {"windows": 2, "mean_docs": 1.5, "multi_doc": 0.5}
-    # EOD = 9; windows of 4 labels (tokens 1..4 and 5..8): "7 9 | 7 7" and "7 | 9 7 9"
-    tokens = np.array([0, 7, 9, 7, 7, 7, 9, 7, 9])
-    got = tool.anchors_by_scope(tokens, eod=9, seq_length=4, windows=2)
-    # window 1: documents [7 9 7] [7] (position 3 follows the input EOD at 2): sequence scope has anchors at the
-    # three 7s, document scope at the first two; window 2: [7 9 7] [9]: the 7s in both scopes (the 9s are split)
-    assert (got["sequence"], got["document"]) == (3 + 4, 2 + 2)
-    assert got["pairs_kept"] == (3 ** 2 + 1 + 3 ** 2 + 1) / (2 * 16)
