@@ -8,6 +8,7 @@ asked for.
 from .config import JRegConfig, SimRegConfig
 from .losses import (
     SimRegTerms,
+    document_ids,
     jreg_penalty,
     jump_strength,
     layer_angular_distances,
@@ -33,7 +34,7 @@ def __getattr__(name):
 
 __all__ = [
     "apply_to_megatron", "undo_megatron_patch",
-    "JRegConfig", "SimRegConfig", "SimRegTerms",
+    "JRegConfig", "SimRegConfig", "SimRegTerms", "document_ids",
     "jreg_penalty", "jump_strength", "layer_angular_distances", "layer_distance_sums", "layer_weights",
     "simreg_loss", "simreg_per_token", "simreg_terms",
 ]
