@@ -1,7 +1,9 @@
-"""The corpus tools behind docs/results.md's document-scope comparison: ``tools/docs_per_sequence.py`` (documents and
-SimReg anchors per sequence) and ``tools/make_prose_corpus.py`` (the English prose corpus)."""
+"""The tools behind docs/results.md's document-scope comparison: ``tools/docs_per_sequence.py`` (documents and SimReg
+anchors per sequence), ``tools/make_prose_corpus.py`` (the English prose corpus) and ``tools/compare_methods.py`` (two
+methods of a grid paired by seed)."""
 
 import importlib.util
+import json
 import stat
 from pathlib import Path
 
@@ -41,3 +43,18 @@ def test_prose_corpus_cuts_chapters_from_the_decoders_output(tmp_path):
     assert _tool("make_prose_corpus").chapters(str(fake)) == [
         ("Genesis 1", "Genesis 1\n\nIn the beginning.\nAnd the earth.\n"),
         ("Song of Solomon 2", "Song of Solomon 2\n\nI am the rose.\n")]
+
+
+def test_compare_methods_pairs_two_methods_by_seed(tmp_path, capsys):
+    runs = {f"dense.{m}.s{seed}": {"final_val_loss": loss}
+            for m, losses in {"a": [5.0, 5.2, 5.1], "b": [5.1, 5.2, 5.4]}.items()
+            for seed, loss in zip([1, 2, 3], losses)}
+    del runs["dense.b.s3"]["final_val_loss"]  # an unfinished run leaves its seed out
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"models": ["dense"], "methods": ["baseline", "a", "b"], "seeds": [1, 2, 3],
+                                "runs": runs}))
+    tool = _tool("compare_methods")
+    assert tool.paired_finals(json.loads(path.read_text()), "a", "b") == {"dense": [(1, 5.0, 5.1), (2, 5.2, 5.2)]}
+    assert tool.main([str(path), "a", "b"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 1: 5.0000 - 5.1000 = -0.1000" in out and "n=2: fewer than 3 seeds" in out
