@@ -104,7 +104,8 @@ def main() -> int:
     tau = 0.1
 
     def forward(fwd=None, bwd=None):
-        return kt.TritonSimReg.apply(x, None, y, None, v, None, p, None, tau, None, NORM_EPS, fwd or {}, bwd or {})[0]
+        return kt.TritonSimReg.apply(x, None, y, None, v, None, p, None, None, None, tau, None, NORM_EPS, fwd or {},
+                                     bwd or {})[0]
 
     def gradient(per_token):
         return torch.autograd.grad(per_token, x, grad_out, retain_graph=True)[0]
