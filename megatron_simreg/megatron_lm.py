@@ -38,8 +38,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .config import JREG_METRICS, JREG_WEIGHTINGS, SIMREG_MODES, SIMREG_NORMALIZATIONS, SIMREG_REPRESENTATIONS
-from .config import SIMREG_SCOPES
-from .config import JRegConfig, SimRegConfig
+from .config import SIMREG_SCOPES, JRegConfig, SimRegConfig
 
 MARKER = "_megatron_simreg_installed"
 LOG_KEYS = {"simreg": "simreg loss", "jreg": "jreg loss"}  # loss-dict keys, styled like Megatron-LM's "lm loss"

@@ -16,10 +16,11 @@ step's micro-batches (read ahead, not consumed), it runs the *unpatched* ``GPTMo
 where ``LM_k`` sums the per-token LM loss over valid tokens, ``S_k`` sums SimReg's ``l_i`` (the naive
 ``[b, s, s]`` implementation, ``losses.simreg.simreg_terms(impl="naive")``) over the anchors of micro-batch ``k``,
 ``A`` counts the step's anchors (with ``--simreg-scope document``, ``S_k`` and ``A`` are sums over each document
-of the sequence alone, its positions found by walking the labels by hand: ``test_simreg_documents.py``), and ``J_k`` sums over valid tokens and layers ``w_l`` times the angular distance
-between layer ``l``'s input and output, arccos(cos)/pi, written out here with the weights ``w_l`` of
-``--jreg-weighting`` (``final``: the last layer; ``layer_weighted``: ``(l/L)^p`` normalized to sum 1). MoE's aux loss and MTP's loss come
-from the unpatched model, with the backward scale Megatron's schedule gives them. The gradient lands in the DDP
+of the sequence alone, its positions found by walking the labels by hand: ``test_simreg_documents.py``), and
+``J_k`` sums over valid tokens and layers ``w_l`` times the angular distance between layer ``l``'s input and
+output, arccos(cos)/pi, written out here with the weights ``w_l`` of ``--jreg-weighting`` (``final``: the last
+layer; ``layer_weighted``: ``(l/L)^p`` normalized to sum 1). MoE's aux loss and MTP's loss come from the unpatched
+model, with the backward scale Megatron's schedule gives them. The gradient lands in the DDP
 grad buffers (Megatron's own accumulation), is copied, and the step then zeroes and recomputes them.
 """
 

@@ -45,8 +45,8 @@ def data_settings(args, global_batch_size: int, tokenizer_model: Optional[str],
     return {"global_batch_size": global_batch_size, "seed": args.seed, "data_path": args.data_path,
             "split": args.split, "tokenizer_sha256": tokenizer_sha256(tokenizer_model), "tokenizer_type": tokenizer_type,
             "simreg_weight": args.simreg_weight, "simreg_temperature": args.simreg_temperature,
-            "simreg_scope": args.simreg_scope, "jreg_weight": args.jreg_weight, "mock_data": args.mock_data, "eod_mask_loss": args.eod_mask_loss,
-            "reset_position_ids": args.reset_position_ids, "reset_attention_mask": args.reset_attention_mask}
+            "simreg_scope": args.simreg_scope, "jreg_weight": args.jreg_weight, "mock_data": args.mock_data,
+            "eod_mask_loss": args.eod_mask_loss, "reset_position_ids": args.reset_position_ids, "reset_attention_mask": args.reset_attention_mask}
 
 
 def check_data(saved: Optional[Dict[str, Any]], current: Dict[str, Any], allowed: List[str], where: str,
