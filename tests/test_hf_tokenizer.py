@@ -121,8 +121,8 @@ def test_data_settings_record_the_type_and_hash_the_directory(hf, tmp_path):
 
     args = argparse.Namespace(seed=1, data_path=["x"], split="1,0,0", simreg_weight=0.0, simreg_temperature=0.1,
                               simreg_scope="sequence", jreg_weight=0.0, tokenizer_type="HuggingFaceTokenizer",
-                              mock_data=False,
-                              eod_mask_loss=False, reset_position_ids=False, reset_attention_mask=False)
+                              mock_data=False, eod_mask_loss=False, reset_position_ids=False,
+                              reset_attention_mask=False)
     a = data_settings(args, 4, hf["tok"])
     assert a["tokenizer_type"] == "HuggingFaceTokenizer" and len(a["tokenizer_sha256"]) == 64
     copy = shutil.copytree(hf["tok"], tmp_path / "copy")
