@@ -122,16 +122,19 @@ def _shard_runs(local: slice, s_cp: int, cp: int) -> List[slice]:
 
 
 def _layout_documents(labels: torch.Tensor, cp_pos: torch.Tensor, config: SimRegConfig, layout: ShardLayout):
-    """Document ids ``[b, s / cp]`` of this CP rank's tokens (in its zigzag order), or None for sequence scope."""
+    """``(this CP rank's document ids [b, s / cp], every CP rank's [b, s] in all-gather order)``, or ``(None, None)``
+    for sequence scope. The second is what exact mode's gathered keys need, so they cost no further all-gather."""
     if config.scope != "document":
-        return None
+        return None, None
     if layout.cp == 1:
-        return document_ids(labels, config.eod_id)
+        docs = document_ids(labels, config.eod_id)
+        return docs, docs
     every_label = _all_gather_seq(labels, layout.cp_group, dim=1)
     every_pos = _all_gather_seq(cp_pos, layout.cp_group, dim=0)
     in_order = torch.empty_like(every_label)
     in_order[:, every_pos] = every_label
-    return document_ids(in_order, config.eod_id)[:, cp_pos]
+    docs = document_ids(in_order, config.eod_id)
+    return docs[:, cp_pos], docs[:, every_pos]
 
 
 def parallel_simreg_terms(
@@ -165,7 +168,7 @@ def parallel_simreg_terms(
             f"of labels {tuple(labels.shape)} (tp={layout.tp}, cp={layout.cp}, sequence_parallel={layout.sequence_parallel})"
         )
     valid = valid_tokens(labels, loss_mask, ignore_index)
-    docs = _layout_documents(labels, cp_pos, config, layout)
+    docs, gathered_docs = _layout_documents(labels, cp_pos, config, layout)
     dq = None if docs is None else docs[:, local]
     # Raw states: each implementation normalizes them itself (Triton in their own dtype: bf16 dots for bf16 models).
     xq, yq, vq, pq = hidden.transpose(0, 1), labels[:, local], valid[:, local], cp_pos[local]
@@ -184,7 +187,7 @@ def parallel_simreg_terms(
 
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-    xk, yk, vk, pk, dk = hidden, labels, valid, cp_pos, docs
+    xk, yk, vk, pk = hidden, labels, valid, cp_pos
     if sp_split:
         # backward = reduce-scatter: each key gets the sum over all ranks' anchors
         xk = gather_from_sequence_parallel_region(xk, tensor_parallel_output_grad=True, group=layout.tp_group)
@@ -193,9 +196,8 @@ def parallel_simreg_terms(
         yk = _all_gather_seq(yk, layout.cp_group, dim=1)
         vk = _all_gather_seq(vk, layout.cp_group, dim=1)
         pk = _all_gather_seq(pk, layout.cp_group, dim=0)
-        dk = None if dk is None else _all_gather_seq(dk, layout.cp_group, dim=1)
     return simreg_per_token(xq, yq, vq, keys=(xk.transpose(0, 1), yk, vk), q_positions=pq, k_positions=pk,
-                            q_docs=dq, k_docs=dk, **kw)
+                            q_docs=dq, k_docs=gathered_docs, **kw)
 
 
 def pairing_segments(seq_len: int, config: SimRegConfig, tp: int = 1, cp: int = 1, sequence_parallel: bool = False):
